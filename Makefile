@@ -1,0 +1,33 @@
+# `make quickstart` and `make test` set everything up on a fresh machine (a .venv beside this file).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.leanvit-installed
+# The tested torch build; on another machine set TORCH_SPEC="torch torchvision" (or your CUDA build).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install quickstart test test-slow benchmark clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/leanvit fit experiments/quickstart.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" --durations=15
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow --durations=15
+
+clean:
+	rm -rf runs wandb .pytest_cache

@@ -1,0 +1,202 @@
+"""ImageNet in the standard folder layout, with the DeiT training recipe through timm's transforms.
+
+    root/train/<wnid>/*.JPEG
+    root/val/<wnid>/*.JPEG      (validation, and test unless root/test/<wnid>/ exists)
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from datamodules.sampling import EpochSampler, SeededSamples
+
+log = logging.getLogger(__name__)
+
+
+class UnreadableImageError(RuntimeError):
+    """An image file that PIL cannot decode; the message names the file."""
+
+
+def check_image_folder(split_dir: Path) -> None:
+    """Fail with a message that says what was expected where, before torchvision's generic errors."""
+    expected = f"expected {split_dir}/<class>/<image> (e.g. {split_dir}/n01440764/img.JPEG)"
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"data: {split_dir} does not exist: {expected}")
+    entries = list(split_dir.iterdir())
+    classes = [p for p in entries if p.is_dir()]
+    loose = [p for p in entries if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
+    if loose:
+        raise ValueError(f"data: images lie directly in {split_dir} ({loose[0].name}, ...): {expected}")
+    if not classes:
+        raise ValueError(f"data: {split_dir} has no class folders: {expected}")
+    for folder in sorted(classes):
+        if not any(p.suffix.lower() in IMG_EXTENSIONS for p in folder.iterdir() if p.is_file()):
+            raise ValueError(f"data: class folder {folder} holds no images ({', '.join(IMG_EXTENSIONS)}): {expected}")
+
+
+class ImageFolderDataset(ImageFolder):
+    """torchvision's ImageFolder whose unreadable images are reported by path, or skipped when asked.
+
+    A skipped image is replaced by the next readable one, so batches keep their size; every skip is
+    warned about and counted in `skipped` (shared memory, so loader workers' counts add up)."""
+
+    def __init__(self, root: str | Path, transform: Callable[..., Any], skip_unreadable: bool = False,
+                 skipped: Optional[torch.Tensor] = None) -> None:
+        check_image_folder(Path(root))
+        super().__init__(str(root), transform=transform)
+        self.skip_unreadable = skip_unreadable
+        self.skipped = skipped if skipped is not None else torch.zeros((), dtype=torch.long).share_memory_()
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for _ in range(len(self.samples)):
+            path, target = self.samples[index]
+            try:
+                with open(path, "rb") as f:
+                    image = Image.open(f).convert("RGB")
+            except (OSError, UnidentifiedImageError, ValueError) as err:
+                if not self.skip_unreadable:
+                    raise UnreadableImageError(
+                        f"data: cannot read image {path}: {err} (set data.skip_unreadable=true to skip it)"
+                    ) from err
+                warnings.warn(f"data: skipping unreadable image {path}: {err}", stacklevel=2)
+                self.skipped += 1
+                index = (index + 1) % len(self.samples)
+                continue
+            return self.transform(image), target
+        raise UnreadableImageError(f"data: no readable image in {self.root}")
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """The image pipeline every data set shares: timm transforms, the epoch-seeded sampler, the loaders.
+
+    Transform defaults are DeiT's: RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 (pixel mode),
+    colour jitter 0.3, bicubic, crop_pct 0.875, ImageNet mean/std. `repeated_aug=3` is DeiT's repeated
+    augmentation. Samples are drawn by an epoch-seeded sampler, so a resumed run sees the same batches.
+    Subclasses say where the images come from (`build_splits`).
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int = 224,
+        batch_size: int = 128,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        repeated_aug: int = 0,
+        auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
+        re_prob: float = 0.25,
+        re_mode: str = "pixel",
+        color_jitter: float = 0.3,
+        hflip: float = 0.5,
+        scale: tuple[float, float] = (0.08, 1.0),
+        interpolation: str = "bicubic",
+        crop_pct: float = 0.875,
+        mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+        std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.persistent_workers = persistent_workers
+        self.repeated_aug = repeated_aug
+        self.train_kwargs = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode,
+                                 color_jitter=color_jitter, hflip=hflip, scale=tuple(scale))
+        self.interpolation = interpolation
+        self.crop_pct = crop_pct
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.seed = seed
+        self.datasets: dict[str, Dataset] = {}
+        self.classes: list[str] = []
+
+    def train_transform(self) -> Callable[..., Any]:
+        return create_transform(self.img_size, is_training=True, interpolation=self.interpolation,
+                                mean=self.mean, std=self.std, **self.train_kwargs)
+
+    def eval_transform(self) -> Callable[..., Any]:
+        return create_transform(self.img_size, is_training=False, interpolation=self.interpolation,
+                                crop_pct=self.crop_pct, mean=self.mean, std=self.std)
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset, list[str]]:
+        """-> train, val, test datasets (transformed) and the class names."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return len(self.classes)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.datasets:
+            return
+        train, val, test, self.classes = self.build_splits()
+        self.datasets = {"train": SeededSamples(train, self.seed), "val": val, "test": test}
+
+    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.persistent_workers and self.num_workers > 0, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochSampler(self.datasets["train"], num_replicas=world, rank=rank, seed=self.seed,
+                               repeats=self.repeated_aug)
+        if trainer is not None:
+            # Lightning creates the first iterator, and with workers prefetches from it, before its set_epoch
+            # call: after a resume that first epoch is not 0, so start at the epoch the fit loop resumes at.
+            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        return self._loader(self.datasets["train"], self.batch_size, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        return self._loader(self.datasets["val"], self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup("test")
+        return self._loader(self.datasets["test"], self.eval_batch_size, shuffle=False)
+
+
+class ImageNetDataModule(ImageDataModule):
+    """ImageNet, or any data set in its folder layout: `root/{train,val}/<class>/<image>`, and `root/test/`
+    when present (else test = val). Unreadable images are errors naming the file, or skipped (counted in
+    `skipped_images`, logged as `data/skipped_images`) with `skip_unreadable`."""
+
+    def __init__(self, *, root: str = "data/imagenet", skip_unreadable: bool = False, **pipeline: Any) -> None:
+        super().__init__(**pipeline)
+        self.root = Path(root)
+        self.skip_unreadable = skip_unreadable
+        self.skipped = torch.zeros((), dtype=torch.long).share_memory_()
+
+    @property
+    def skipped_images(self) -> int:
+        return int(self.skipped.item())
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset, list[str]]:
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"data.root: {self.root} does not exist: expected {self.root}/train/<class>/<image> and "
+                f"{self.root}/val/<class>/<image> (the ImageNet layout)")
+        split = lambda name, tf: ImageFolderDataset(self.root / name, tf, self.skip_unreadable, self.skipped)  # noqa: E731
+        train = split("train", self.train_transform())
+        val = split("val", self.eval_transform())
+        test = split("test", self.eval_transform()) if (self.root / "test").is_dir() else val
+        if val.classes != train.classes:
+            raise ValueError(f"data: {self.root}/val has {len(val.classes)} class folders, {self.root}/train has "
+                             f"{len(train.classes)}; they must be the same classes")
+        return train, val, test, train.classes

@@ -1,0 +1,1 @@
+"""Experiment YAMLs and the `leanvit` command (cli.py)."""

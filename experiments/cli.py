@@ -1,0 +1,315 @@
+"""The `leanvit` command: `leanvit fit|validate|test CONFIG.yaml [key.path=value ...]`.
+
+Flow: load + merge the YAML (defaults, overrides) -> check every key -> run directory -> seed ->
+`METHODS[method](**model)` -> `DATAMODULES[datamodule](**data)` -> Trainer(**trainer, loggers, callbacks)
+-> fit/validate/test. Config problems and bad files are reported as one line, before any work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+LOG = logging.getLogger("leanvit")
+RUN_DIR_ENV = "LEANVIT_RUN_DIR"  # how the rank-0 process tells the DDP ranks it launches where the run lives
+
+
+def _error(message: str) -> int:
+    print(f"leanvit: error: {message}", file=sys.stderr)
+    return 2
+
+
+@dataclass
+class Run:
+    """Where a run lives and what it continues from."""
+
+    experiment: str
+    dir: Path
+    resume_ckpt: Optional[Path]
+    wandb_id: Optional[str]
+    rank_zero: bool
+
+
+def experiment_name(cfg: dict[str, Any]) -> str:
+    from experiments.config import EXPERIMENTS_DIR
+
+    if cfg.get("experiment"):
+        return str(cfg["experiment"])
+    path = Path(cfg["config_path"])
+    try:
+        return str(path.relative_to(EXPERIMENTS_DIR).with_suffix(""))
+    except ValueError:
+        return path.stem
+
+
+def global_rank() -> int:
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0)
+
+
+def find_resume(resume: str, experiment_dir: Path) -> Path:
+    """`last` -> the newest `last.ckpt` of this experiment; a run directory -> its `last.ckpt`; or a .ckpt file."""
+    from experiments.config import ConfigError
+
+    if resume == "last":
+        found = sorted(experiment_dir.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ConfigError(f"resume=last: no {experiment_dir}/*/checkpoints/last.ckpt to resume from")
+        return found[-1]
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise ConfigError(f"resume: no such checkpoint {str(path)!r}")
+    return path
+
+
+def prepare_run(cfg: dict[str, Any], command: str) -> Run:
+    """Pick (or recover) the run directory; every DDP rank must agree on it."""
+    import yaml
+
+    experiment = experiment_name(cfg)
+    experiment_dir = Path(cfg.get("runs_dir") or "runs") / experiment
+    rank_zero = global_rank() == 0
+    resume_ckpt = find_resume(str(cfg["resume"]), experiment_dir) if cfg.get("resume") and command == "fit" else None
+    wandb_id = (cfg.get("logger") or {}).get("wandb", {}).get("id")
+    if resume_ckpt is not None:
+        run_dir = resume_ckpt.parent.parent
+        saved = run_dir / "config.yaml"
+        if saved.is_file() and not wandb_id:
+            wandb_id = ((yaml.safe_load(saved.read_text()) or {}).get("logger") or {}).get("wandb", {}).get("id")
+    elif not rank_zero and os.environ.get(RUN_DIR_ENV):
+        run_dir = Path(os.environ[RUN_DIR_ENV])
+    elif cfg.get("version"):
+        run_dir = experiment_dir / str(cfg["version"])
+    elif os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID"):
+        # torchrun / SLURM start every rank at once: name the run after the job, which all ranks share
+        job = os.environ.get("SLURM_JOB_ID") or os.environ["TORCHELASTIC_RUN_ID"]
+        run_dir = experiment_dir / f"job_{job}"
+    else:
+        taken = [int(p.name.split("_")[1]) for p in experiment_dir.glob("version_*") if p.name.split("_")[1].isdigit()]
+        run_dir = experiment_dir / f"version_{max(taken, default=-1) + 1}"
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    if rank_zero:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if wandb_id is None and rank_zero and (cfg.get("logger") or {}).get("wandb", {}).get("enabled"):
+        wandb_id = uuid.uuid4().hex[:12]  # W&B run ids: lowercase letters and digits
+    return Run(experiment, run_dir, resume_ckpt, wandb_id, rank_zero)
+
+
+def resolve_trainer(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+    """`precision: auto` -> bf16-mixed on a GPU that has bf16, else 32-true."""
+    import torch
+
+    kwargs = dict(trainer_cfg)
+    if kwargs.get("precision", "auto") == "auto":
+        gpu = torch.cuda.is_available() and kwargs.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+        kwargs["precision"] = "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
+    return kwargs
+
+
+def make_loggers(cfg: dict[str, Any], run: Run) -> list[Any]:
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+    from experiments.config import LoggerConfig, WandbConfig, dataclass_from
+
+    logger_cfg = dataclass_from(LoggerConfig, cfg.get("logger"))
+    wandb_cfg = dataclass_from(WandbConfig, logger_cfg.wandb)
+    loggers: list[Any] = []
+    if logger_cfg.csv:
+        # one metrics.csv per invocation (logs/version_K): a resumed run appends a new file, never truncates
+        loggers.append(CSVLogger(save_dir=str(run.dir), name="logs"))
+    if wandb_cfg.enabled:
+        loggers.append(WandbLogger(
+            project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group, tags=wandb_cfg.tags,
+            notes=wandb_cfg.notes, name=wandb_cfg.name or f"{run.experiment}/{run.dir.name}",
+            id=run.wandb_id, resume="allow", save_dir=str(run.dir), offline=wandb_cfg.offline,
+        ))
+    return loggers
+
+
+def make_callbacks(cfg: dict[str, Any], run: Run, command: str) -> list[Any]:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from callbacks import CALLBACKS, ReseedEachBatch
+    from experiments.config import CheckpointConfig, dataclass_from
+
+    callbacks: list[Any] = [ReseedEachBatch(cfg["seed"])]
+    ckpt = dataclass_from(CheckpointConfig, cfg.get("checkpoint"))
+    if command == "fit":
+        # Two callbacks: Lightning's save_last only rewrites last.ckpt in epochs where a top-k checkpoint
+        # was saved, and a resume must always find the latest epoch.
+        common = dict(dirpath=run.dir / "checkpoints", every_n_epochs=ckpt.every_n_epochs,
+                      enable_version_counter=False, auto_insert_metric_name=False)
+        if ckpt.save_last:
+            callbacks.append(ModelCheckpoint(filename="last", monitor=None, save_top_k=1, **common))
+        if ckpt.save_best and ckpt.monitor is not None:
+            callbacks.append(ModelCheckpoint(filename="best", monitor=ckpt.monitor, mode=ckpt.mode, save_top_k=1,
+                                             **common))
+    for name, settings in (cfg.get("callbacks") or {}).items():
+        if settings is None or settings is False:
+            continue
+        callbacks.append(CALLBACKS[name](**(settings if isinstance(settings, dict) else {})))
+    return callbacks
+
+
+def build_objects(cfg: dict[str, Any], resuming: bool) -> tuple[Any, Any]:
+    """The LightningModule and DataModule; construction errors (a missing file, a bad value) become one line."""
+    from datamodules import DATAMODULES
+    from experiments.config import ConfigError
+    from lightning_modules import METHODS
+
+    model_cfg = dict(cfg.get("model") or {})
+    if resuming:  # the checkpoint restores every student weight; do not fetch or read them first
+        model_cfg.update(pretrained=False, weights=None)
+    try:
+        module = METHODS[cfg["method"]](**model_cfg)
+        datamodule = DATAMODULES[cfg.get("datamodule", "embedded")](**(cfg.get("data") or {}))
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        raise ConfigError(str(err).splitlines()[0]) from err
+    except (OSError, RuntimeError) as err:
+        if model_cfg.get("pretrained") or model_cfg.get("teacher"):
+            raise ConfigError(f"model: could not load pretrained weights ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); offline? use model.weights=FILE") from err
+        raise
+    return module, datamodule
+
+
+def write_config(cfg: dict[str, Any], run: Run) -> None:
+    from omegaconf import OmegaConf
+
+    cfg = dict(cfg)
+    if run.wandb_id:
+        cfg["logger"] = dict(cfg.get("logger") or {})
+        cfg["logger"]["wandb"] = dict(cfg["logger"].get("wandb") or {}, id=run.wandb_id)
+    OmegaConf.save(OmegaConf.create(cfg), run.dir / "config.yaml")
+
+
+def summarise(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def run_trainer_command(command: str, config: str, overrides: list[str]) -> int:
+    from experiments.config import ConfigError, check_config, load_config, to_plain
+
+    cfg_node, origins = load_config(config, overrides)
+    cfg = to_plain(cfg_node, origins)
+    import pytorch_lightning as pl
+
+    from callbacks import CALLBACKS
+    from datamodules import DATAMODULES
+    from lightning_modules import METHODS
+
+    check_config(cfg, origins, methods=METHODS, datamodules=DATAMODULES, callbacks=CALLBACKS,
+                 trainer_cls=pl.Trainer)
+    run = prepare_run(cfg, command)
+    pl.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
+    module, datamodule = build_objects(cfg, resuming=run.resume_ckpt is not None)
+
+    from callbacks import AtomicCheckpointIO
+
+    trainer = pl.Trainer(
+        **resolve_trainer(cfg.get("trainer") or {}),
+        logger=make_loggers(cfg, run) or False,
+        callbacks=make_callbacks(cfg, run, command),
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run.dir),
+        enable_checkpointing=command == "fit",
+    )
+    if run.rank_zero:
+        write_config(cfg, run)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(cfg)
+    started = time.time()
+    try:
+        results = run_stage(command, trainer, module, datamodule, run)
+    finally:
+        finish_wandb(trainer)
+    if run.rank_zero:
+        results["wall_seconds"] = round(time.time() - started, 1)
+        (run.dir / f"results_{command}.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+        shown = {k: v for k, v in results.items() if k.split("/")[0] in ("val", "test", "best")}
+        print(f"leanvit {command}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(shown.items()))
+              + f"  ({results['wall_seconds']:.0f} s; run dir {run.dir})")
+    return 0
+
+
+def finish_wandb(trainer: Any) -> None:
+    """Close the W&B run so an offline run directory is complete when the command returns."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
+def run_stage(command: str, trainer: Any, module: Any, datamodule: Any, run: Run) -> dict[str, float]:
+    if command == "fit":
+        if run.resume_ckpt is not None and run.rank_zero:
+            print(f"leanvit: resuming {run.dir} from {run.resume_ckpt}")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.resume_ckpt) if run.resume_ckpt else None)
+        results = summarise(trainer.callback_metrics)
+        best = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)), None)
+        if best is not None and best.best_model_score is not None:
+            results["best/" + best.monitor] = float(best.best_model_score)
+    elif command == "validate":
+        results = summarise(trainer.validate(module, datamodule=datamodule)[0])
+    else:
+        results = summarise(trainer.test(module, datamodule=datamodule)[0])
+    return results
+
+
+def export_data(out: str, dataset: str) -> int:
+    from datamodules import export_image_folder
+
+    root = export_image_folder(out, dataset)  # type: ignore[arg-type]
+    print(f"leanvit: wrote {dataset} as {root}/{{train,val}}/<class>/*.png")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="leanvit", description="Token-reduction Vision Transformers: train, evaluate and benchmark from YAML.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in (("fit", "train (and validate) a model"), ("validate", "evaluate on the validation split"),
+                            ("test", "evaluate on the test split")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="experiment YAML (a path, or relative to the experiments folder)")
+        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="omegaconf dotlist overrides")
+    p = sub.add_parser("export-data", help="write the embedded data set as an ImageNet-style folder tree")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist"])
+    args = parser.parse_args(argv)
+
+    from experiments.config import ConfigError
+
+    commands: dict[str, Callable[[], int]] = {
+        "fit": lambda: run_trainer_command("fit", args.config, args.overrides),
+        "validate": lambda: run_trainer_command("validate", args.config, args.overrides),
+        "test": lambda: run_trainer_command("test", args.config, args.overrides),
+        "export-data": lambda: export_data(args.out, args.dataset),
+    }
+    try:
+        return commands[args.command]()
+    except ConfigError as err:
+        if os.environ.get("LEANVIT_TRACEBACK"):
+            raise
+        return _error(str(err))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

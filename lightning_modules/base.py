@@ -1,0 +1,301 @@
+"""ReductionModule: what every method shares - student/teacher building, the training step around a
+composite loss, metrics, optimiser and schedule.
+
+A method subclasses it, builds its student with `build_student(StudentClass, block_fn=...)` and, when its
+loss has more terms than classification (+ DeiT distillation), overrides `loss_terms` and `loss_weights`.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Literal, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_modules.trace import TokenTrace
+from lightning_modules.vit import ViTStudent, create_teacher, create_vit, load_weights
+
+Distillation = Literal["none", "soft", "hard"]
+
+
+def deit_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, mode: Distillation, tau: float) -> Tensor:
+    """DeiT's distillation term. soft: KL(teacher || student) at temperature tau, `sum / numel * tau^2`
+    exactly as DeiT's `DistillationLoss`; hard: cross-entropy to the teacher's argmax."""
+    if mode == "soft":
+        return F.kl_div(
+            F.log_softmax(student_logits / tau, dim=1),
+            F.log_softmax(teacher_logits / tau, dim=1),
+            reduction="sum",
+            log_target=True,
+        ) * (tau * tau) / student_logits.numel()
+    if mode == "hard":
+        return F.cross_entropy(student_logits, teacher_logits.argmax(dim=1))
+    raise ValueError(f"distillation: expected 'soft' or 'hard', got {mode!r}")
+
+
+class MeanVector(Metric):
+    """Mean of a per-sample vector over every sample seen (all ranks): `(B, K)` updates -> `(K,)`."""
+
+    full_state_update = False
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: Tensor) -> None:
+        self.total += values.to(torch.float64).sum(0)
+        self.count += values.shape[0]
+
+    def compute(self) -> Tensor:
+        return self.total / self.count.clamp(min=1)
+
+
+class ReductionModule(pl.LightningModule):
+    """Shared LightningModule. The constructor's keyword arguments are the YAML `model:` section."""
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "deit_small_patch16_224",
+        backbone_kwargs: Optional[dict[str, Any]] = None,
+        num_classes: int = 1000,
+        img_size: Optional[int] = None,
+        pretrained: bool = False,
+        weights: Optional[str] = None,
+        drop_path_rate: float = 0.1,
+        drop_rate: float = 0.0,
+        grad_checkpointing: bool = False,
+        teacher: Optional[str] = None,
+        teacher_weights: Optional[str] = None,
+        distillation: Distillation = "none",
+        distill_alpha: float = 0.5,
+        distill_tau: float = 1.0,
+        lr: float = 5e-4,
+        lr_reference_batch: Optional[int] = 512,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        opt_eps: float = 1e-8,
+        warmup_epochs: float = 5.0,
+        warmup_lr: float = 1e-6,
+        min_lr: float = 1e-5,
+        mixup: float = 0.8,
+        cutmix: float = 1.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        label_smoothing: float = 0.1,
+        ema_decay: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        # Plain containers only: the hyperparameters go into every checkpoint (read with weights_only=True).
+        self.save_hyperparameters(logger=False)
+        if distillation != "none" and teacher is None:
+            raise ValueError("model.distillation: a teacher is needed (set model.teacher)")
+        if distillation not in ("none", "soft", "hard"):
+            raise ValueError(f"model.distillation: expected none, soft or hard, got {distillation!r}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.img_size = img_size
+        self.distillation = distillation
+        self.distill_alpha = distill_alpha
+        self.distill_tau = distill_tau
+        self.teacher = (
+            create_teacher(teacher, num_classes=num_classes, img_size=img_size, weights=teacher_weights)
+            if teacher is not None else None
+        )
+        self.mixup_fn = (
+            Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
+                  label_smoothing=label_smoothing, num_classes=num_classes)
+            if (mixup > 0 or cutmix > 0) and mixup_prob > 0 else None
+        )
+        self.soft_target_loss = SoftTargetCrossEntropy()
+        top5 = min(5, num_classes)
+        self.acc1 = nn.ModuleDict({s: MulticlassAccuracy(num_classes, top_k=1, average="micro") for s in ("val", "test")})
+        self.acc5 = nn.ModuleDict({s: MulticlassAccuracy(num_classes, top_k=top5, average="micro") for s in ("val", "test")})
+        self.student: ViTStudent
+        self.student_ema: Optional[ModelEmaV3] = None
+        self.token_stats: Optional[nn.ModuleDict] = None
+
+    # ------------------------------------------------------------------------------------------ building
+    def build_student(self, student_cls: type[ViTStudent] = ViTStudent,
+                      block_fn: Optional[Callable[..., nn.Module]] = None, **student_kwargs: Any) -> None:
+        """Create the timm ViT with the method's blocks, wrap it, load `weights`, and set up EMA."""
+        hp = self.hparams
+        vit = create_vit(
+            hp.backbone, num_classes=hp.num_classes, img_size=hp.img_size,
+            pretrained=hp.pretrained and hp.weights is None, drop_path_rate=hp.drop_path_rate,
+            drop_rate=hp.drop_rate, block_fn=block_fn, **(hp.backbone_kwargs or {}),
+        )
+        if hp.grad_checkpointing:
+            vit.set_grad_checkpointing(True)
+        if self.teacher is not None and self.distillation != "none" and hasattr(vit, "set_distilled_training"):
+            vit.set_distilled_training(True)  # distilled DeiT: the dist token's head learns from the teacher
+        student = student_cls(vit, **student_kwargs)
+        if hp.weights is not None:
+            load_weights(student, hp.weights)
+        self.student = student
+        depth = student.depth
+        self.token_stats = nn.ModuleDict({s: MeanVector(depth + 1) for s in ("val", "test")})
+        if hp.ema_decay is not None:
+            self.student_ema = ModelEmaV3(student, decay=hp.ema_decay)
+
+    def train(self, mode: bool = True) -> ReductionModule:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher is frozen: no dropout, no BatchNorm updates, ever
+        return self
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.student(images)
+
+    # ------------------------------------------------------------------------------------------ loss
+    def classification_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Soft targets (mixup/cutmix, smoothing) -> soft cross-entropy; class indices -> (smoothed) CE."""
+        if targets.ndim == 2:
+            return self.soft_target_loss(logits, targets)
+        return F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+
+    @torch.no_grad()
+    def teacher_logits(self, images: Tensor) -> Tensor:
+        assert self.teacher is not None
+        return self.teacher(images).float()
+
+    def loss_terms(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """Unweighted named loss terms for one batch: `cls`, and `distill` with a DeiT teacher."""
+        out = self.student(images)
+        logits, logits_kd = out if isinstance(out, tuple) else (out, out)
+        terms = {"cls": self.classification_loss(logits, targets)}
+        if self.distillation != "none":
+            terms["distill"] = deit_distillation_loss(
+                logits_kd, self.teacher_logits(images), self.distillation, self.distill_tau)
+        return terms
+
+    def loss_weights(self) -> dict[str, float]:
+        if self.distillation == "none":
+            return {"cls": 1.0}
+        return {"cls": 1.0 - self.distill_alpha, "distill": self.distill_alpha}
+
+    # ------------------------------------------------------------------------------------------ steps
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, targets = batch
+        if self.mixup_fn is not None:
+            if images.shape[0] % 2:
+                raise ValueError(f"mixup/cutmix need an even batch size, got {images.shape[0]} (data.batch_size)")
+            images, targets = self.mixup_fn(images, targets)
+        terms = self.loss_terms(images, targets)
+        weights = self.loss_weights()
+        loss = sum(weights[name] * value for name, value in terms.items())
+        self.log("train/loss", loss, prog_bar=True)
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.student_ema is not None:
+            self.student_ema.update(self.student)  # constant decay from the initial weights, as DeiT
+
+    def on_train_epoch_end(self) -> None:
+        skipped = getattr(self.trainer.datamodule, "skipped_images", None)
+        if skipped is not None:  # unreadable images skipped by the loader (data.skip_unreadable)
+            self.log("data/skipped_images", float(skipped), sync_dist=True, reduce_fx="sum")
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None or self.student_ema is not None:
+            # the frozen teacher and the EMA copy are in eval mode on purpose
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _eval_step(self, stage: str, batch: tuple[Tensor, Tensor]) -> None:
+        images, targets = batch
+        logits, trace = self.student(images, trace=True)
+        self.acc1[stage].update(logits, targets)
+        self.acc5[stage].update(logits, targets)
+        self.token_stats[stage].update(trace.tokens)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, targets), on_epoch=True, sync_dist=True)
+        self.eval_trace_hook(stage, trace)
+        if self.student_ema is not None:
+            ema_logits = self.student_ema.module(images)
+            self.log(f"{stage}/ema_acc1", (ema_logits.argmax(1) == targets).float().mean() * 100,
+                     on_epoch=True, sync_dist=True)
+
+    def eval_trace_hook(self, stage: str, trace: TokenTrace) -> None:
+        """Per-batch statistics a method adds from the token trace during validation/test (none here)."""
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_epoch("test")
+
+    def _log_eval_epoch(self, stage: str) -> None:
+        # compute() gathers over all DDP ranks; percent, as the papers report
+        self.log(f"{stage}/acc1", self.acc1[stage].compute() * 100, prog_bar=True)
+        self.log(f"{stage}/acc5", self.acc5[stage].compute() * 100)
+        for layer, tokens in enumerate(self.token_stats[stage].compute()):
+            self.log(f"tokens/layer_{layer}", tokens.float())
+        for metric in (self.acc1[stage], self.acc5[stage], self.token_stats[stage]):
+            metric.reset()
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The teacher is rebuilt from its config; never stored.
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher is not None:
+            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+    # ------------------------------------------------------------------------------------------ optimiser
+    def global_batch_size(self) -> int:
+        trainer = self.trainer
+        per_device = getattr(trainer.datamodule, "batch_size", None)
+        if per_device is None:
+            raise ValueError("model.lr_reference_batch: the global batch is read from a DataModule's batch_size; "
+                             "without one set lr_reference_batch to null and give the final lr")
+        return per_device * trainer.world_size * trainer.accumulate_grad_batches
+
+    def learning_rate(self) -> float:
+        """The configured lr, linearly scaled by the global batch when `lr_reference_batch` is set (DeiT rule)."""
+        hp = self.hparams
+        if hp.lr_reference_batch is None:
+            return hp.lr
+        return hp.lr * self.global_batch_size() / hp.lr_reference_batch
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: no weight decay on norms, biases, pos_embed and prefix tokens (timm's rule)."""
+        return param_groups_weight_decay(
+            self.student, self.hparams.weight_decay, no_weight_decay_list=self.student.no_weight_decay())
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        lr = self.learning_rate()
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=lr, betas=tuple(hp.betas), eps=hp.opt_eps)
+        epochs = self.trainer.max_epochs
+        if not epochs or epochs < 0:
+            raise ValueError("trainer.max_epochs: must be set, the warm-up + cosine schedule spans it")
+        # Epoch units, stepped with a fractional epoch after every update: the schedule needs no batch count
+        # here (asking Lightning for one would build the train loader before a checkpoint is restored).
+        scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=epochs, warmup_epochs=hp.warmup_epochs,
+                                           warmup_lr=hp.warmup_lr, min_lr=hp.min_lr, step_on_epochs=True)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # warm-up then cosine, per iteration: timm schedulers take fractional epochs
+        updates_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+        scheduler.step(epoch=self.global_step / max(1, updates_per_epoch))

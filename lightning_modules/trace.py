@@ -1,0 +1,103 @@
+"""The token trace: which token carries which patch, layer by layer (DESIGN.md, contract 2).
+
+Every method reports its reductions through one mechanism: after a reduction, the new position of each
+old token (`dest`, -1 when it left) is composed with the current owner map. Visualisation and MAC
+counting read only the finished `TokenTrace`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TokenTrace:
+    """What a reduced ViT did to its tokens in one forward pass.
+
+    owner: `depth + 1` LongTensors `(B, N0)`. `owner[l][b, i]` is the position (prefix tokens included)
+        of the token carrying patch `i` among the tokens ENTERING block `l` (`owner[depth]`: leaving the
+        last block), or -1 when patch `i` no longer takes part (pruned or halted).
+    tokens: `(B, depth + 1)` number of tokens taking part (prefix included) entering block `l`
+        (`tokens[:, depth]`: leaving the last block).
+    mlp_tokens: `(B, depth)` number of tokens block `l`'s MLP ran on; differs from `tokens[:, l]` when a
+        method reduces inside a block, between attention and MLP (ToMe, EViT).
+    num_prefix_tokens: class/distillation/register tokens in front of the patch tokens.
+    grid_size: `(H, W)` of the patch grid, `H * W = N0`.
+    """
+
+    owner: list[Tensor]
+    tokens: Tensor
+    mlp_tokens: Tensor
+    num_prefix_tokens: int
+    grid_size: tuple[int, int]
+
+    @property
+    def depth(self) -> int:
+        return len(self.owner) - 1
+
+
+def remap_owner(owner: Tensor, dest: Tensor) -> Tensor:
+    """Compose an owner map with a reduction.
+
+    owner: `(B, N0)` position of each patch's token, -1 when gone; dest: `(B, N)` new position of each of
+    the N current tokens, -1 when it left -> `(B, N0)`.
+    """
+    moved = dest.gather(1, owner.clamp(min=0))
+    return moved.masked_fill(owner < 0, -1)
+
+
+@dataclass
+class TraceRecorder:
+    """Builds a `TokenTrace` inside one forward pass (created there, never shared between calls)."""
+
+    owner: Tensor
+    num_prefix_tokens: int
+    grid_size: tuple[int, int]
+    owners: list[Tensor] = field(default_factory=list)
+    counts: list[Tensor] = field(default_factory=list)
+    mlp_counts: list[Tensor] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, batch: int, grid_size: tuple[int, int], num_prefix_tokens: int, device: torch.device) -> TraceRecorder:
+        num_patches = grid_size[0] * grid_size[1]
+        owner = torch.arange(num_prefix_tokens, num_prefix_tokens + num_patches, device=device)
+        return cls(owner.expand(batch, -1).clone(), num_prefix_tokens, tuple(grid_size))
+
+    def remap(self, dest: Tensor) -> None:
+        """Tokens moved: `dest (B, N)` is each current token's new position, or -1 when it left."""
+        self.owner = remap_owner(self.owner, dest)
+
+    def drop(self, keep: Tensor) -> None:
+        """Tokens stay in place but some stop taking part: `keep (B, N)` bool."""
+        positions = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+        self.remap(positions.masked_fill(~keep, -1))
+
+    def block(self, tokens: Tensor | int) -> None:
+        """Record the tokens entering the next block; its MLP defaults to the same count."""
+        self.owners.append(self.owner)
+        self.counts.append(self._per_image(tokens))
+        self.mlp_counts.append(self.counts[-1])
+
+    def mlp(self, tokens: Tensor | int) -> None:
+        """Record the tokens the current block's MLP runs on, when a reduction inside the block changed it."""
+        self.mlp_counts[-1] = self._per_image(tokens)
+
+    def finish(self, tokens: Tensor | int) -> TokenTrace:
+        """Record the tokens leaving the last block and return the trace."""
+        self.owners.append(self.owner)
+        self.counts.append(self._per_image(tokens))
+        return TokenTrace(
+            owner=self.owners,
+            tokens=torch.stack(self.counts, 1),
+            mlp_tokens=torch.stack(self.mlp_counts, 1),
+            num_prefix_tokens=self.num_prefix_tokens,
+            grid_size=self.grid_size,
+        )
+
+    def _per_image(self, tokens: Tensor | int) -> Tensor:
+        batch = self.owner.shape[0]
+        if isinstance(tokens, int):
+            return torch.full((batch,), tokens, dtype=torch.long, device=self.owner.device)
+        return tokens.to(torch.long).reshape(batch)

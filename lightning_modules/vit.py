@@ -1,0 +1,254 @@
+"""timm plumbing: build a student ViT with a method's blocks, run it block by block, load weights.
+
+The student wraps a timm `VisionTransformer` built by `timm.create_model(name, block_fn=...)`, so every
+timm ViT variant (LayerScale, qk-norm, distillation or register tokens, avg-pool heads) keeps its own
+embedding, norms and head. A method subclasses `ViTStudent` and overrides `forward_blocks` (and
+`forward_head` when the head must know about the reduction).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+from functools import partial
+from typing import Any, Callable, Optional
+
+import timm
+import torch
+from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lightning_modules.trace import TokenTrace, TraceRecorder
+
+log = logging.getLogger(__name__)
+
+# What official checkpoints pickle besides tensors: DeiT-style files carry the argparse `args`.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath]
+
+
+# ------------------------------------------------------------------------------------------- micro models
+# Small ViTs for 32 px images (8x8 = 64 patches), registered with timm so that YAMLs, teachers and tests
+# name them like any timm model. They have no pretrained weights.
+_MICRO = dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=2)
+default_cfgs = generate_default_cfgs({
+    name: dict(input_size=(3, 32, 32), num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0,
+               interpolation="bicubic", first_conv="patch_embed.proj", classifier=head)
+    for name, head in (("vit_micro_patch4_32", "head"), ("deit_micro_distilled_patch4_32", ("head", "head_dist")))
+})
+
+
+@register_model
+def vit_micro_patch4_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT, 6 blocks, width 64, 2 heads, 32 px, patch 4 (the quickstart model)."""
+    return build_model_with_cfg(VisionTransformer, "vit_micro_patch4_32", pretrained,
+                                pretrained_filter_fn=checkpoint_filter_fn, **(_MICRO | kwargs))
+
+
+@register_model
+def deit_micro_distilled_patch4_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformerDistilled:
+    """The same with DeiT's distillation token (2 prefix tokens, two heads)."""
+    return build_model_with_cfg(VisionTransformerDistilled, "deit_micro_distilled_patch4_32", pretrained,
+                                pretrained_filter_fn=checkpoint_filter_fn, **(_MICRO | kwargs))
+
+
+def create_vit(
+    backbone: str,
+    *,
+    num_classes: int,
+    img_size: Optional[int] = None,
+    pretrained: bool = False,
+    drop_path_rate: float = 0.0,
+    block_fn: Optional[Callable[..., nn.Module]] = None,
+    **kwargs: Any,
+) -> VisionTransformer:
+    """`timm.create_model` for a ViT, with the method's block class when given."""
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if block_fn is not None:
+        kwargs["block_fn"] = block_fn
+    try:
+        model = timm.create_model(
+            backbone, pretrained=pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate, **kwargs
+        )
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"backbone: unknown timm model {backbone!r}") from err
+        raise
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"backbone: {backbone!r} is a {type(model).__name__}, not a timm VisionTransformer")
+    return model
+
+
+class ViTStudent(nn.Module):
+    """A timm VisionTransformer driven block by block, so a method can reduce tokens between and inside blocks.
+
+    `student(images)` -> logits `(B, num_classes)`; `student(images, trace=True)` -> `(logits, TokenTrace)`.
+    This base class is the dense model: it gives timm's logits exactly.
+    """
+
+    def __init__(self, vit: VisionTransformer) -> None:
+        super().__init__()
+        self.vit = vit
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.vit.num_prefix_tokens
+
+    @property
+    def depth(self) -> int:
+        return len(self.vit.blocks)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    def grid_size(self, images: Tensor) -> tuple[int, int]:
+        if self.vit.dynamic_img_size:
+            patch = self.vit.patch_embed.patch_size
+            return images.shape[-2] // patch[0], images.shape[-1] // patch[1]
+        return tuple(self.vit.patch_embed.grid_size)
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's list (pos_embed, cls/dist/reg tokens), named from the student."""
+        return {f"vit.{name}" for name in self.vit.no_weight_decay()}
+
+    def embed(self, images: Tensor) -> Tensor:
+        """images `(B, 3, H, W)` -> tokens `(B, prefix + N0, C)`, exactly as timm's `forward_features` starts."""
+        x = self.vit.patch_embed(images)
+        x = self.vit._pos_embed(x)
+        x = self.vit.patch_drop(x)
+        return self.vit.norm_pre(x)
+
+    def forward(self, images: Tensor, trace: bool = False) -> Tensor | tuple[Tensor, TokenTrace]:
+        x = self.embed(images)
+        recorder = None
+        if trace:
+            recorder = TraceRecorder.start(x.shape[0], self.grid_size(images), self.num_prefix_tokens, x.device)
+        x, state = self.forward_blocks(x, recorder)
+        x = self.vit.norm(x)
+        logits = self.forward_head(x, state)
+        if recorder is None:
+            return logits
+        return logits, recorder.finish(self.tokens_out(x, state))
+
+    def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder]) -> tuple[Tensor, Any]:
+        """Run every block; return the tokens and whatever per-forward state the head needs (None here)."""
+        for block in self.vit.blocks:
+            if recorder is not None:
+                recorder.block(x.shape[1])
+            x = self.run_block(block, x)
+        return x, None
+
+    def forward_head(self, x: Tensor, state: Any) -> Tensor:
+        return self.vit.forward_head(x)
+
+    def tokens_out(self, x: Tensor, state: Any) -> Tensor | int:
+        """Tokens leaving the last block (per image for adaptive methods)."""
+        return x.shape[1]
+
+    def run_block(self, block: nn.Module, *args: Any) -> Any:
+        """Call a block, through activation checkpointing when timm's `set_grad_checkpointing` is on."""
+        if self.vit.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def extra_checkpoint_keys(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Map a method's own keys in an official checkpoint (not timm keys) onto this student; none here."""
+        return {}
+
+
+def with_block(block_cls: type[nn.Module], **block_kwargs: Any) -> Callable[..., nn.Module]:
+    """`block_fn` for `timm.create_model`: timm passes each block its index as `depth`."""
+    return partial(block_cls, **block_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def read_checkpoint(path: str | pathlib.Path) -> tuple[dict[str, Tensor], str]:
+    """Read the tensors of a weights file without unpickling arbitrary objects.
+
+    Returns `(state_dict, kind)`: kind "leanvit" (a leanvit .ckpt: keys of the student, `vit.` prefixed),
+    or "timm" (a plain or DeiT-style `{"model": ...}` / `{"state_dict": ...}` file, safetensors too).
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights: no such file {str(path)!r}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), "timm"
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError with a long explanation; keep the first line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"weights: cannot read {str(path)!r} with weights_only=True: {first}") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"weights: {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    if "pytorch-lightning_version" in obj and "state_dict" in obj:
+        prefix = "student."
+        state = {k[len(prefix):]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
+        return state, "leanvit"
+    for key in ("model", "state_dict", "model_ema", "state_dict_ema"):
+        if key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise ValueError(f"weights: {str(path)!r} has no tensors (keys: {sorted(obj)[:8]})")
+    return clean_state_dict(tensors), "timm"
+
+
+def load_weights(model: nn.Module, path: str | pathlib.Path) -> None:
+    """Initialise a student (or a plain timm model, e.g. a teacher) from a weights file.
+
+    Accepts a leanvit .ckpt, a timm/DeiT state dict, or a method's official checkpoint (timm keys plus the
+    method's own, mapped by `ViTStudent.extra_checkpoint_keys`). A classifier head of another size
+    (fine-tuning to a new label set) is left at its initialisation with a warning; any other missing or
+    unexpected key is an error that names the keys.
+    """
+    state, kind = read_checkpoint(path)
+    vit = model.vit if isinstance(model, ViTStudent) else model
+    if kind == "leanvit" and not isinstance(model, ViTStudent):
+        state = {k[len("vit."):]: v for k, v in state.items() if k.startswith("vit.")}
+    elif kind == "timm":
+        own = model.extra_checkpoint_keys(state) if isinstance(model, ViTStudent) else {}
+        state = {k: v for k, v in state.items() if k not in own}
+        if isinstance(vit, VisionTransformer):
+            state = checkpoint_filter_fn(state, vit)  # resizes pos_embed, converts old layouts
+        if isinstance(model, ViTStudent):
+            state = {f"vit.{k}": v for k, v in state.items()} | own
+    _load_matching(model, state, path)
+
+
+def _load_matching(model: nn.Module, state: dict[str, Tensor], path: str | pathlib.Path) -> None:
+    target = model.state_dict()
+    heads = {k for k in target if any(part in ("head", "head_dist", "fc", "classifier") for part in k.split(".")[-3:-1])}
+    for name in [k for k in state if k in heads and state[k].shape != target[k].shape]:
+        log.warning("weights: %s has shape %s in %s, %s in the model: left at its initialisation",
+                    name, tuple(state[name].shape), path, tuple(target[name].shape))
+        del state[name]
+    missing = [k for k in target if k not in state and k not in heads]
+    unexpected = [k for k in state if k not in target]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights: {str(path)!r} does not match the model: "
+            f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
+            f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def create_teacher(name: str, *, num_classes: int, img_size: Optional[int], weights: Optional[str]) -> nn.Module:
+    """A frozen timm classifier in eval mode: hub weights unless a local `weights` file is given."""
+    try:  # ViT teachers take the student's resolution; convnets (regnety_160) take no img_size
+        teacher = timm.create_model(name, pretrained=weights is None, num_classes=num_classes,
+                                    **({"img_size": img_size} if img_size else {}))
+    except TypeError:
+        teacher = timm.create_model(name, pretrained=weights is None, num_classes=num_classes)
+    if weights is not None:
+        load_weights(teacher, weights)
+    teacher.requires_grad_(False)
+    return teacher.eval()

@@ -1,0 +1,57 @@
+"""Shared fixtures: no network, W&B offline, tiny ViTs, the CLI in-process or as a subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import lightning_modules.vit  # noqa: E402,F401  (registers the micro ViTs with timm)
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "experiments" / "quickstart.yaml")
+# A fast variant of the quickstart for tests: 2 blocks, no progress bar or model summary.
+FAST = ["model.backbone_kwargs.depth=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "trainer.num_sanity_val_steps=0"]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LEANVIT_RUN_DIR", raising=False)
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in an empty folder (runs/ lands there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def leanvit(*args: str) -> int:
+    """The CLI in this process."""
+    from experiments.cli import main
+
+    return main(list(args))
+
+
+def leanvit_subprocess(*args: str, cwd: Path, timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess:
+    """The CLI in a fresh interpreter (needed for DDP: never launch ddp inside pytest)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    env.pop("LEANVIT_RUN_DIR", None)
+    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def micro_vit(**kwargs: Any) -> torch.nn.Module:
+    """A random micro ViT (32 px, patch 4, width 64) in eval mode."""
+    torch.manual_seed(0)
+    return timm.create_model("vit_micro_patch4_32", num_classes=10, **kwargs).eval()
