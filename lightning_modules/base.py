@@ -128,13 +128,15 @@ class ReductionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------ building
     def build_student(self, student_cls: type[ViTStudent] = ViTStudent,
-                      block_fn: Optional[Callable[..., nn.Module]] = None, **student_kwargs: Any) -> None:
-        """Create the timm ViT with the method's blocks, wrap it, load `weights`, and set up EMA."""
+                      block_fn: Optional[Callable[..., nn.Module]] = None, vit_kwargs: Optional[dict[str, Any]] = None,
+                      **student_kwargs: Any) -> None:
+        """Create the timm ViT with the method's blocks (and `vit_kwargs`, e.g. `attn_layer`), wrap it in
+        `student_cls(vit, **student_kwargs)`, load `weights`, and set up EMA."""
         hp = self.hparams
         vit = create_vit(
             hp.backbone, num_classes=hp.num_classes, img_size=hp.img_size,
             pretrained=hp.pretrained and hp.weights is None, drop_path_rate=hp.drop_path_rate,
-            drop_rate=hp.drop_rate, block_fn=block_fn, **(hp.backbone_kwargs or {}),
+            drop_rate=hp.drop_rate, block_fn=block_fn, **(vit_kwargs or {}), **(hp.backbone_kwargs or {}),
         )
         if hp.grad_checkpointing:
             vit.set_grad_checkpointing(True)
@@ -253,6 +255,19 @@ class ReductionModule(pl.LightningModule):
             metric.reset()
 
     # ------------------------------------------------------------------------------------------ checkpoints
+    def configure_callbacks(self) -> list[Any]:
+        """The method's own callbacks: its keep-rate schedule when `keep_rate_schedule` is configured."""
+        schedule = getattr(self, "keep_rate_schedule", None)
+        if not schedule:
+            return []
+        from callbacks.keep_rate import KeepRateSchedule
+
+        return [KeepRateSchedule(**schedule)]
+
+    def apply_reduction(self, alpha: float) -> dict[str, float]:
+        """Set the reduction strength in [0, 1] (the keep-rate schedule); returns values to log."""
+        raise NotImplementedError(f"{type(self).__name__} has no reduction to schedule")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The teacher is rebuilt from its config; never stored.
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
