@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from lightning_modules.base import ReductionModule
 from lightning_modules.dense import DenseModule
+from lightning_modules.evit import EViTModule
 from lightning_modules.tome import ToMeModule
 
 METHODS: dict[str, type[ReductionModule]] = {
     "dense": DenseModule,
     "tome": ToMeModule,
+    "evit": EViTModule,
 }
 
 __all__ = ["METHODS", "ReductionModule"]
