@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from lightning_modules.base import ReductionModule
 from lightning_modules.dense import DenseModule
+from lightning_modules.dynamicvit import DynamicViTModule
 from lightning_modules.evit import EViTModule
 from lightning_modules.tome import ToMeModule
 
@@ -10,6 +11,7 @@ METHODS: dict[str, type[ReductionModule]] = {
     "dense": DenseModule,
     "tome": ToMeModule,
     "evit": EViTModule,
+    "dynamicvit": DynamicViTModule,
 }
 
 __all__ = ["METHODS", "ReductionModule"]

@@ -109,10 +109,10 @@ class ReductionModule(pl.LightningModule):
         self.distillation = distillation
         self.distill_alpha = distill_alpha
         self.distill_tau = distill_tau
-        self.teacher = (
-            create_teacher(teacher, num_classes=num_classes, img_size=img_size, weights=teacher_weights)
-            if teacher is not None else None
-        )
+        self.teacher_name = teacher
+        self.teacher_weights = teacher_weights
+        # Built in setup("fit") only: evaluation never needs it (nor its hub weights).
+        self.teacher: Optional[nn.Module] = None
         self.mixup_fn = (
             Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
                   label_smoothing=label_smoothing, num_classes=num_classes)
@@ -140,7 +140,7 @@ class ReductionModule(pl.LightningModule):
         )
         if hp.grad_checkpointing:
             vit.set_grad_checkpointing(True)
-        if self.teacher is not None and self.distillation != "none" and hasattr(vit, "set_distilled_training"):
+        if self.distillation != "none" and hasattr(vit, "set_distilled_training"):
             vit.set_distilled_training(True)  # distilled DeiT: the dist token's head learns from the teacher
         student = student_cls(vit, **student_kwargs)
         if hp.weights is not None:
@@ -150,6 +150,20 @@ class ReductionModule(pl.LightningModule):
         self.token_stats = nn.ModuleDict({s: MeanVector(depth + 1) for s in ("val", "test")})
         if hp.ema_decay is not None:
             self.student_ema = ModelEmaV3(student, decay=hp.ema_decay)
+
+    def needs_teacher(self) -> bool:
+        return self.distillation != "none"
+
+    def teacher_spec(self) -> tuple[str, dict[str, Any]]:
+        """The teacher's timm name and creation kwargs."""
+        assert self.teacher_name is not None
+        return self.teacher_name, {}
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.teacher is None and self.needs_teacher():
+            name, kwargs = self.teacher_spec()
+            self.teacher = create_teacher(name, num_classes=self.num_classes, img_size=self.img_size,
+                                          weights=self.teacher_weights, **kwargs)
 
     def train(self, mode: bool = True) -> ReductionModule:
         super().train(mode)
@@ -310,7 +324,11 @@ class ReductionModule(pl.LightningModule):
                                            warmup_lr=hp.warmup_lr, min_lr=hp.min_lr, step_on_epochs=True)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def schedule_epoch(self) -> float:
+        """Fractional epochs of optimiser updates done (the schedule's clock)."""
+        updates_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+        return self.global_step / max(1, updates_per_epoch)
+
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         # warm-up then cosine, per iteration: timm schedulers take fractional epochs
-        updates_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
-        scheduler.step(epoch=self.global_step / max(1, updates_per_epoch))
+        scheduler.step(epoch=self.schedule_epoch())

@@ -241,13 +241,14 @@ def _load_matching(model: nn.Module, state: dict[str, Tensor], path: str | pathl
     model.load_state_dict(state, strict=False)
 
 
-def create_teacher(name: str, *, num_classes: int, img_size: Optional[int], weights: Optional[str]) -> nn.Module:
+def create_teacher(name: str, *, num_classes: int, img_size: Optional[int], weights: Optional[str],
+                   **kwargs: Any) -> nn.Module:
     """A frozen timm classifier in eval mode: hub weights unless a local `weights` file is given."""
     try:  # ViT teachers take the student's resolution; convnets (regnety_160) take no img_size
         teacher = timm.create_model(name, pretrained=weights is None, num_classes=num_classes,
-                                    **({"img_size": img_size} if img_size else {}))
+                                    **({"img_size": img_size} if img_size else {}), **kwargs)
     except TypeError:
-        teacher = timm.create_model(name, pretrained=weights is None, num_classes=num_classes)
+        teacher = timm.create_model(name, pretrained=weights is None, num_classes=num_classes, **kwargs)
     if weights is not None:
         load_weights(teacher, weights)
     teacher.requires_grad_(False)

@@ -129,6 +129,8 @@ def test_distillation_trains_with_a_frozen_teacher_kept_out_of_checkpoints(in_tm
         assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
     module_cls = __import__("lightning_modules").METHODS["dense"]
     module = module_cls.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert module.teacher is None  # built for training only
+    module.setup("fit")
     assert module.teacher is not None and not module.teacher.training
     for name, value in module.teacher.state_dict().items():  # rebuilt from its config, not trained
         assert torch.equal(value, teacher.state_dict()[name])

@@ -1,0 +1,302 @@
+"""DynamicViT: learned token sparsification (Rao et al., NeurIPS 2021), faithful to raoyongming/DynamicViT.
+
+Before `reduction_layers` (default 3, 6, 9) a small predictor scores the patch tokens. In training nothing
+is removed: a Gumbel-softmax keep mask (cumulative over the stages) enters every block's attention through
+the float32 policy softmax. At inference the top `int(N0 * rho^s)` tokens are gathered (class token first)
+and the blocks run plain fused attention on them. The loss: classification + keep-ratio + KL to the dense
+teacher's logits + MSE to its final tokens at the kept positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from lightning_modules.base import ReductionModule
+from lightning_modules.trace import TraceRecorder
+from lightning_modules.vit import ViTStudent
+
+
+# ------------------------------------------------------------------------------------------------ pure ops
+def policy_softmax(logits: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
+    """DynamicViT's masked softmax, in float32. logits: (B, H, N, N), policy: (B, N) keep mask ->
+    `A_ij = (exp(a_ij - max_i) G_ij + eps/N) / (sum_j exp(a_ij - max_i) G_ij + eps)` with
+    `G_ij = policy_j` for j != i and `G_ii = 1` (a dropped token still attends to itself)."""
+    n = policy.shape[1]
+    eye = torch.eye(n, dtype=torch.float32, device=policy.device).view(1, 1, n, n)
+    keep = policy.reshape(-1, 1, 1, n).to(torch.float32)
+    gate = keep + (1.0 - keep) * eye
+    shifted = logits - logits.max(dim=-1, keepdim=True)[0]
+    weights = shifted.to(torch.float32).exp() * gate
+    return ((weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)).type_as(logits)
+
+
+def keep_ratios(rho: float, stages: int) -> list[float]:
+    """Keep ratios per stage, relative to the original patch count: rho, rho^2, rho^3, ..."""
+    return [rho ** (s + 1) for s in range(stages)]
+
+
+class PredictorLG(nn.Module):
+    """The official local-global score predictor (module names match its checkpoints).
+
+    x: (B, N, C) patch tokens, policy: (B, N, 1) current keep mask -> log-probabilities (B, N, 2),
+    channel 0 = keep. The last C/2 channels are averaged over the kept tokens and broadcast (global).
+    """
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(embed_dim, embed_dim // 2), nn.GELU(),
+            nn.Linear(embed_dim // 2, embed_dim // 4), nn.GELU(),
+            nn.Linear(embed_dim // 4, 2), nn.LogSoftmax(dim=-1),
+        )
+
+    def forward(self, x: Tensor, policy: Tensor) -> Tensor:
+        x = self.in_conv(x)
+        B, N, C = x.shape
+        local_x = x[:, :, :C // 2]
+        global_x = (x[:, :, C // 2:] * policy).sum(dim=1, keepdim=True) / policy.sum(dim=1, keepdim=True)
+        return self.out_conv(torch.cat([local_x, global_x.expand(B, N, C // 2)], dim=-1))
+
+
+# ------------------------------------------------------------------------------------------------ layers
+class DynamicViTAttention(Attention):
+    """timm's Attention; with a keep `policy (B, N)` it uses the explicit policy softmax (training)."""
+
+    def forward(self, x: Tensor, policy: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+        if policy is None:
+            return super().forward(x)
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = self.attn_drop(policy_softmax((q * self.scale) @ k.transpose(-2, -1), policy))
+        x = (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class DynamicViTBlock(Block):
+    """timm's Block passing a keep policy to its attention (None: plain attention)."""
+
+    def forward(self, x: Tensor, policy: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), policy)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+@dataclass
+class PruningOutput:
+    """What the training loss needs from one masked forward pass."""
+
+    logits: Tensor  # (B, classes)
+    tokens: Tensor  # (B, N0, C) final-norm patch tokens
+    decisions: list[Tensor]  # per stage (B, N0) cumulative hard keep masks
+
+
+# ------------------------------------------------------------------------------------------------ student
+class DynamicViTStudent(ViTStudent):
+    """A timm ViT with DynamicViT's score predictors (`score_predictor.{s}`) before `reduction_layers`."""
+
+    def __init__(self, vit: Any, keep_rate: float = 0.7, reduction_layers: tuple[int, ...] = (3, 6, 9)) -> None:
+        super().__init__(vit)
+        bad = [layer for layer in reduction_layers if not 0 <= layer < len(vit.blocks)]
+        if bad:
+            raise ValueError(f"model.reduction_layers: {bad} outside the {len(vit.blocks)} blocks")
+        self.keep_rate = keep_rate
+        self.reduction_layers = tuple(reduction_layers)
+        self.score_predictor = nn.ModuleList(PredictorLG(vit.embed_dim) for _ in self.reduction_layers)
+
+    def extra_checkpoint_keys(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v for k, v in state_dict.items() if k.startswith("score_predictor.")}
+
+    def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder]) -> tuple[Tensor, Optional[Tensor]]:
+        """Inference gathers the kept tokens; training masks them (state: tokens taking part, per image)."""
+        if self.training:
+            x, decisions = self.masked_blocks(x, recorder)
+            kept = decisions[-1].sum(1) if decisions else None
+            return x, None if kept is None else kept + self.num_prefix_tokens
+        prefix = self.num_prefix_tokens
+        num_patches = x.shape[1] - prefix
+        ratios = keep_ratios(self.keep_rate, len(self.reduction_layers))
+        mask = x.new_ones(x.shape[0], num_patches, 1)
+        for layer, block in enumerate(self.vit.blocks):
+            if layer in self.reduction_layers:
+                stage = self.reduction_layers.index(layer)
+                score = self.score_predictor[stage](x[:, prefix:], mask)[..., 0]  # (B, N) keep log-prob
+                keep = min(int(num_patches * ratios[stage]), score.shape[1])
+                idx = score.topk(keep, dim=1, sorted=True).indices  # descending score, as the official argsort
+                x = torch.cat([x[:, :prefix], x[:, prefix:].gather(1, idx[..., None].expand(-1, -1, x.shape[2]))], 1)
+                mask = mask.gather(1, idx[..., None])
+                if recorder is not None:
+                    dest = torch.full((x.shape[0], prefix + score.shape[1]), -1, dtype=torch.long, device=x.device)
+                    dest[:, :prefix] = torch.arange(prefix, device=x.device)
+                    dest.scatter_(1, idx + prefix, torch.arange(prefix, prefix + keep, device=x.device).expand_as(idx))
+                    recorder.remap(dest)
+            if recorder is not None:
+                recorder.block(x.shape[1])
+            x = self.run_block(block, x)
+        return x, None
+
+    def masked_blocks(self, x: Tensor, recorder: Optional[TraceRecorder] = None) -> tuple[Tensor, list[Tensor]]:
+        """Training: every token stays, a cumulative Gumbel keep mask gates all attention (policy softmax)."""
+        prefix = self.num_prefix_tokens
+        batch, n = x.shape[:2]
+        decision = x.new_ones(batch, n - prefix, 1)
+        policy = x.new_ones(batch, n)  # the official code uses the policy softmax from the first block
+        decisions = []
+        for layer, block in enumerate(self.vit.blocks):
+            if layer in self.reduction_layers:
+                stage = self.reduction_layers.index(layer)
+                log_probs = self.score_predictor[stage](x[:, prefix:], decision)
+                decision = F.gumbel_softmax(log_probs, hard=True)[:, :, 0:1] * decision
+                decisions.append(decision[..., 0])
+                policy = torch.cat([x.new_ones(batch, prefix), decision[..., 0]], dim=1)
+                if recorder is not None:
+                    recorder.drop(policy > 0.5)
+            if recorder is not None:
+                recorder.block(policy.sum(1))
+            x = self.run_block(block, x, policy)
+        return x, decisions
+
+    def tokens_out(self, x: Tensor, state: Optional[Tensor]) -> Tensor | int:
+        return x.shape[1] if state is None else state
+
+    def forward_train(self, images: Tensor) -> PruningOutput:
+        x, decisions = self.masked_blocks(self.embed(images))
+        x = self.vit.norm(x)
+        return PruningOutput(self.vit.forward_head(x), x[:, self.num_prefix_tokens:], decisions)
+
+
+# ------------------------------------------------------------------------------------------------ module
+class DynamicViTModule(ReductionModule):
+    """`METHODS["dynamicvit"]`: keep ratios `keep_rate^s` at `reduction_layers`; a frozen dense teacher
+    (the backbone itself unless `teacher` names another; its weights: `teacher_weights` or timm's hub).
+
+    Loss terms (unweighted, logged as train/loss_<term>): `cls`, `ratio` (mean over stages of the batch
+    mean of (kept fraction - target)^2), `kl` (KL(teacher || student) of the logits), `distill` (MSE of the
+    final tokens kept at the last stage). Weights: 1, `ratio_weight`, `kl_weight`, `distill_weight`.
+    Optimiser as the official recipe: the predictors at the scheduled lr; the backbone at
+    `min(backbone_lr_scale * lr, scheduled lr)` and 0 for the first `backbone_freeze_epochs`; cls_token and
+    pos_embed frozen.
+    """
+
+    def __init__(
+        self,
+        *,
+        keep_rate: float = 0.7,
+        reduction_layers: list[int] = (3, 6, 9),  # type: ignore[assignment]
+        ratio_weight: float = 2.0,
+        kl_weight: float = 0.5,
+        distill_weight: float = 0.5,
+        backbone_lr_scale: float = 0.01,
+        backbone_freeze_epochs: float = 5.0,
+        keep_rate_schedule: Optional[dict[str, float]] = None,
+        **shared: Any,
+    ) -> None:
+        super().__init__(**shared)
+        if not 0.0 < keep_rate <= 1.0:
+            raise ValueError(f"model.keep_rate: expected a value in (0, 1], got {keep_rate}")
+        if self.distillation != "none":
+            raise ValueError("model.distillation: DynamicViT distils from its teacher through kl_weight and "
+                             "distill_weight; leave distillation at none")
+        self.target_keep_rate = keep_rate
+        self.ratio_weight = ratio_weight
+        self.kl_weight = kl_weight
+        self.distill_weight = distill_weight
+        self.backbone_lr_scale = backbone_lr_scale
+        self.backbone_freeze_epochs = backbone_freeze_epochs
+        self.keep_rate_schedule = keep_rate_schedule
+        self.build_student(DynamicViTStudent, block_fn=DynamicViTBlock,
+                           vit_kwargs={"attn_layer": DynamicViTAttention},
+                           keep_rate=keep_rate, reduction_layers=tuple(reduction_layers))
+        for frozen in (self.student.vit.cls_token, self.student.vit.pos_embed):
+            if frozen is not None:
+                frozen.requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------ teacher
+    def needs_teacher(self) -> bool:
+        return self.kl_weight > 0 or self.distill_weight > 0
+
+    def teacher_spec(self) -> tuple[str, dict[str, Any]]:
+        if self.teacher_name is None or self.teacher_name == self.hparams.backbone:
+            return self.hparams.backbone, dict(self.hparams.backbone_kwargs or {})
+        return self.teacher_name, {}
+
+    @torch.no_grad()
+    def teacher_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The dense teacher's logits and final-norm patch tokens."""
+        assert self.teacher is not None
+        features = self.teacher.forward_features(images)
+        return self.teacher.forward_head(features).float(), features[:, self.teacher.num_prefix_tokens:]
+
+    # ------------------------------------------------------------------------------------------ loss
+    def loss_terms(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        out = self.student.forward_train(images)
+        targets_keep = keep_ratios(self.student.keep_rate, len(out.decisions))
+        terms = {
+            "cls": self.classification_loss(out.logits, targets),
+            "ratio": pruning_ratio_loss(out.decisions, targets_keep),
+        }
+        if self.needs_teacher():
+            teacher_logits, teacher_tokens = self.teacher_outputs(images)
+            terms["kl"] = F.kl_div(F.log_softmax(out.logits.float(), dim=-1), F.log_softmax(teacher_logits, dim=-1),
+                                   reduction="batchmean", log_target=True)
+            terms["distill"] = kept_token_mse(out.tokens, teacher_tokens, out.decisions[-1])
+        return terms
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"cls": 1.0, "ratio": self.ratio_weight, "kl": self.kl_weight, "distill": self.distill_weight}
+
+    def apply_reduction(self, alpha: float) -> dict[str, float]:
+        self.student.keep_rate = 1.0 - alpha * (1.0 - self.target_keep_rate)
+        return {"keep_rate": self.student.keep_rate}
+
+    # ------------------------------------------------------------------------------------------ optimiser
+    def param_groups(self) -> list[dict[str, Any]]:
+        from timm.optim import param_groups_weight_decay
+
+        predictor = {"params": list(self.student.score_predictor.parameters()), "weight_decay": self.hparams.weight_decay}
+        backbone = param_groups_weight_decay(self.student.vit, self.hparams.weight_decay,
+                                             no_weight_decay_list=self.student.vit.no_weight_decay())
+        return [predictor] + [dict(group, backbone=True) for group in backbone]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        config = super().configure_optimizers()
+        self._backbone_lr(config["optimizer"], epoch=0.0)
+        return config
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        super().lr_scheduler_step(scheduler, metric)
+        self._backbone_lr(scheduler.optimizer, self.schedule_epoch())
+
+    def _backbone_lr(self, optimizer: torch.optim.Optimizer, epoch: float) -> None:
+        """The official rule: 0 while frozen, then min(scale x peak lr, the scheduled lr)."""
+        peak = self.learning_rate()
+        for group in optimizer.param_groups:
+            if group.get("backbone"):
+                group["lr"] = 0.0 if epoch < self.backbone_freeze_epochs else min(self.backbone_lr_scale * peak, group["lr"])
+
+
+def pruning_ratio_loss(decisions: list[Tensor], targets: list[float]) -> Tensor:
+    """mean over stages of mean over images of (kept fraction - target)^2. decisions: (B, N0) masks."""
+    terms = [((mask.mean(dim=1) - target) ** 2).mean() for mask, target in zip(decisions, targets)]
+    return torch.stack(terms).mean()
+
+
+def kept_token_mse(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    """MSE between student and teacher tokens `(B, N, C)` over the tokens kept by `mask (B, N)`
+    (the official `pow(diff, 2).mean()` on the selected rows; 0 when nothing is kept)."""
+    keep = mask.reshape(-1) > 0.5
+    if not keep.any():
+        return student.new_zeros(())
+    c = student.shape[-1]
+    return (student.reshape(-1, c)[keep].float() - teacher.reshape(-1, c)[keep].float()).pow(2).mean()
