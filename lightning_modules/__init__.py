@@ -1,6 +1,7 @@
 """One LightningModule per token-reduction method, by name."""
 from __future__ import annotations
 
+from lightning_modules.avit import AViTModule
 from lightning_modules.base import ReductionModule
 from lightning_modules.dense import DenseModule
 from lightning_modules.dynamicvit import DynamicViTModule
@@ -12,6 +13,7 @@ METHODS: dict[str, type[ReductionModule]] = {
     "tome": ToMeModule,
     "evit": EViTModule,
     "dynamicvit": DynamicViTModule,
+    "avit": AViTModule,
 }
 
 __all__ = ["METHODS", "ReductionModule"]

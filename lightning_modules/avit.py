@@ -1,0 +1,360 @@
+"""A-ViT: adaptive token halting (Yin et al., CVPR 2022), faithful to NVlabs/A-ViT - and fast.
+
+After each block every token gets a halting score `h = sigmoid(gate_scale * x[:, :, 0] - gate_center)` from
+its raw output; a token halts once its cumulative score reaches `1 - eps` (every token halts at the last
+block). Its output is the ACT-weighted sum of its block outputs (h while running, the remainder R at the
+halting block), which feeds the final norm and the head. No parameters are added.
+
+Training (and `forward_masked`) is the official computation: every token stays, halted ones are zeroed
+before each block, get a -1000 key bias, and their outputs are zeroed. The official code never removes a
+token, so it is no faster. Inference here does: each image runs only its active tokens, packed across the
+batch into one varlen sequence (the linear layers see no padding; attention pads per image), and an image
+stops as soon as the tokens its head reads (the class token) have halted. Both give the same logits.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from lightning_modules.base import ReductionModule
+from lightning_modules.trace import TokenTrace, TraceRecorder
+from lightning_modules.vit import ViTStudent
+
+MASKED_KEY_BIAS = -1000.0  # the official additive logit for halted keys
+
+
+# ------------------------------------------------------------------------------------------------ pure ops
+def halting_score(x: Tensor, gate_scale: float, gate_center: float) -> Tensor:
+    """A-ViT's parameter-free halting score from channel 0 of a block's raw output: (..., C) -> (...)."""
+    return torch.sigmoid(x[..., 0] * gate_scale - gate_center)
+
+
+@dataclass
+class ACTStep:
+    """One layer of A-ViT's halting bookkeeping, for tokens that were active entering the layer."""
+
+    c: Tensor  # cumulative halting score after this layer
+    R: Tensor  # remainder after this layer
+    weight: Tensor  # weight of this layer's output in the token's output (h, or R at the halting layer)
+    ponder: Tensor  # ponder cost added by this layer (1 for running it, + R when halting)
+    active: Tensor  # bool: still running after this layer
+
+
+def act_step(c: Tensor, R: Tensor, h: Tensor, eps: float) -> ACTStep:
+    """The official per-layer update for active tokens (all tensors of one shape):
+    c += h; a token that reaches 1 - eps halts, contributing its remainder R; otherwise it contributes h
+    and R -= h. (A token landing exactly on 1 - eps halts contributing nothing, as in the official code.)"""
+    c = c + h
+    reached = c > 1 - eps
+    not_reached = c < 1 - eps
+    weight = torch.where(reached, R, torch.zeros_like(R)) + torch.where(not_reached, h, torch.zeros_like(h))
+    ponder = 1.0 + torch.where(reached, R, torch.zeros_like(R))
+    R = R - not_reached.to(h.dtype) * h
+    return ACTStep(c, R, weight, ponder, not_reached)
+
+
+def gaussian_depth_prior(depth: int, target_depth: float = 8.0, buffer: float = 0.02) -> Tensor:
+    """The official prior target: a unit Gaussian over layer indices centred on `target_depth`, scaled so
+    its first `target_depth` entries sum to 1 - buffer (not normalised: ~3.26 in total for 12 layers)."""
+    pdf = torch.tensor([math.exp(-0.5 * (i - target_depth) ** 2) / math.sqrt(2 * math.pi) for i in range(depth)],
+                       dtype=torch.float64)
+    return (pdf * (1.0 - buffer) / pdf[:int(target_depth)].sum()).float()
+
+
+def depth_prior_kl(layer_scores: Tensor, target: Tensor) -> Tensor:
+    """The official prior term: `KLDivLoss(batchmean)(log clamp(H / sum H, .01, .99), target)` over the
+    per-layer mean halting scores H `(depth,)`; batchmean on this 1-D input divides by the depth."""
+    distr = (layer_scores / layer_scores.sum()).clamp(0.01, 0.99)
+    return F.kl_div(distr.log(), target.to(distr), reduction="batchmean")
+
+
+# ------------------------------------------------------------------------------------------------ layers
+@dataclass
+class PackedLayout:
+    """Active tokens of several images as one flat sequence `(T, C)`, ordered by image then position.
+    Attention scatters them into a padded `(B', L, ...)` batch of the images that still run."""
+
+    image: Tensor  # (T,) image of each token in the original batch
+    position: Tensor  # (T,) position of each token in its image's original sequence
+    row: Tensor  # (T,) row in the padded batch
+    rank: Tensor  # (T,) position within its row
+    lengths: Tensor  # (B',) active tokens per running image
+    uniform: bool  # every running image has all its tokens at the same count: no padding at all
+
+    @classmethod
+    def build(cls, image: Tensor, position: Tensor, batch: int) -> PackedLayout:
+        counts = torch.bincount(image, minlength=batch)
+        running = counts > 0
+        row_of_image = torch.cumsum(running, 0) - 1
+        starts = torch.cumsum(counts, 0) - counts
+        lengths = counts[running]
+        rank = torch.arange(image.shape[0], device=image.device) - starts[image]
+        uniform = bool((lengths == lengths.max()).all()) if lengths.numel() else True
+        return cls(image, position, row_of_image[image], rank, lengths, uniform)
+
+
+class AViTAttention(Attention):
+    """timm's Attention with A-ViT's halted-key bias (masked path) and a varlen packed path (inference)."""
+
+    def forward(self, x: Tensor, key_bias: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+        """x: (B, N, C); key_bias: (B, 1, 1, N) added to every logit towards each key."""
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = self._attend(qkv, key_bias).transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self._project(x, out)
+
+    def forward_packed(self, x: Tensor, layout: PackedLayout) -> Tensor:
+        """x: (T, C) active tokens of all running images -> (T, C); attention stays within each image."""
+        qkv = self.qkv(x)  # (T, 3C): the linear layers see no padding
+        rows, length = layout.lengths.shape[0], int(layout.lengths.max())
+        if layout.uniform:
+            padded, mask = qkv.reshape(rows, length, -1), None
+        else:
+            padded = qkv.new_zeros(rows, length, qkv.shape[1])
+            padded[layout.row, layout.rank] = qkv
+            mask = (torch.arange(length, device=x.device) < layout.lengths[:, None])[:, None, None, :]
+        qkv = padded.reshape(rows, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = self._attend(qkv, mask).transpose(1, 2).reshape(rows, length, self.attn_dim)  # (B', L, C)
+        out = out.reshape(-1, self.attn_dim) if layout.uniform else out[layout.row, layout.rank]
+        return self._project(x, out)
+
+    def _attend(self, qkv: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """qkv: (3, B, H, N, D), mask: bool (True = attend) or float bias -> (B, H, N, D)."""
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused_attn:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                  dropout_p=self.attn_drop.p if self.training else 0.0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            attn = attn.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else attn + mask
+        return self.attn_drop(attn.softmax(dim=-1)) @ v
+
+    def _project(self, inputs: Tensor, x: Tensor) -> Tensor:
+        x = self.norm(x)
+        if self.gate is not None:
+            x = x * self.gate(inputs).sigmoid()
+        return self.proj_drop(self.proj(x))
+
+
+class AViTBlock(Block):
+    """timm's Block with A-ViT's masking (official, training) and a packed varlen path (inference)."""
+
+    def forward(self, x: Tensor, halted: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+        """x: (B, N, C); halted: (B, N) float, 1 for halted tokens (zeroed at every sub-layer input)."""
+        if halted is None:
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        keep = (1.0 - halted)[..., None]
+        bias = (halted * MASKED_KEY_BIAS)[:, None, None, :].to(x.dtype)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x * keep) * keep, bias)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x * keep) * keep)))
+
+    def forward_packed(self, x: Tensor, layout: PackedLayout) -> Tensor:
+        x = x + self.ls1(self.attn.forward_packed(self.norm1(x), layout))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+@dataclass
+class HaltingOutput:
+    """The masked forward pass: final features and what the losses and statistics need."""
+
+    features: Tensor  # (B, N, C) ACT-weighted token outputs
+    ponder: Tensor  # (B, N) rho: layers run + remainder at halting
+    depth: Tensor  # (B, N) layers each token ran
+    layer_scores: list[Tensor]  # per layer, the (B, N) halting scores of the block's outputs
+
+
+# ------------------------------------------------------------------------------------------------ student
+class AViTStudent(ViTStudent):
+    """A timm ViT that halts tokens adaptively; `gate_scale`, `gate_center`, `eps` are fixed hyperparameters."""
+
+    def __init__(self, vit: Any, gate_scale: float = 10.0, gate_center: float = 30.0, eps: float = 0.01) -> None:
+        super().__init__(vit)
+        self.gate_scale = gate_scale
+        self.gate_center = gate_center
+        self.eps = eps
+
+    def head_tokens(self) -> int:
+        """How many leading tokens the head reads: an image is finished once they have halted
+        (0: global pooling reads every token, so an image runs until all halt)."""
+        if self.vit.global_pool == "token" or hasattr(self.vit, "dist_token"):
+            return 2 if getattr(self.vit, "dist_token", None) is not None else 1
+        return 0
+
+    # -------------------------------------------------------------------------------------- masked (official)
+    def forward_masked(self, x: Tensor, recorder: Optional[TraceRecorder] = None) -> HaltingOutput:
+        """The official computation on embedded tokens x (B, N, C): nothing is removed."""
+        B, N, _ = x.shape
+        c, R = x.new_zeros(B, N), x.new_ones(B, N)
+        active = x.new_ones(B, N)
+        ponder, depth = x.new_zeros(B, N), x.new_zeros(B, N)
+        output = torch.zeros_like(x)
+        scores: list[Tensor] = []
+        out = x
+        for layer, block in enumerate(self.vit.blocks):
+            # the official code zeroes `out.data`: halted values are masked, their gradients are not
+            out = out + (out * active[..., None] - out).detach()
+            if recorder is not None:
+                recorder.drop(active > 0.5)
+                recorder.block(active.sum(1))
+            block_out = self.run_block(block, out, 1.0 - active)
+            h = halting_score(block_out, self.gate_scale, self.gate_center)
+            scores.append(h)
+            if layer == len(self.vit.blocks) - 1:
+                h = torch.ones_like(h)
+            step = act_step(c, R, h, self.eps)
+            ponder = ponder + active * step.ponder
+            depth = depth + active
+            output = output + block_out * (active * step.weight)[..., None]
+            c, R = step.c, step.R
+            active = step.active.to(x.dtype)
+            out = block_out
+        if recorder is not None:
+            recorder.drop(active > 0.5)
+        return HaltingOutput(output, ponder, depth, scores)
+
+    # -------------------------------------------------------------------------------------- packed (fast)
+    def forward_packed(self, x: Tensor, recorder: Optional[TraceRecorder] = None) -> Tensor:
+        """Inference on the active tokens only. x: (B, N, C) embedded -> (B, N, C) ACT outputs (tokens of
+        finished images that never ran stay 0; the head does not read them)."""
+        B, N, C = x.shape
+        device = x.device
+        head = self.head_tokens()
+        image = torch.arange(B, device=device).repeat_interleave(N)
+        position = torch.arange(N, device=device).repeat(B)
+        tokens = x.reshape(B * N, C)
+        c, R = tokens.new_zeros(B * N), tokens.new_ones(B * N)
+        output = torch.zeros_like(x)
+        depth = len(self.vit.blocks)
+        for layer, block in enumerate(self.vit.blocks):
+            if recorder is not None:
+                self._record(recorder, image, position, B, N)
+            layout = PackedLayout.build(image, position, B)
+            tokens = block.forward_packed(tokens, layout)
+            h = halting_score(tokens, self.gate_scale, self.gate_center)
+            if layer == depth - 1:
+                h = torch.ones_like(h)
+            step = act_step(c, R, h, self.eps)
+            output.index_put_((image, position), tokens * step.weight[:, None], accumulate=True)
+            keep = step.active
+            if head:  # an image is finished once the tokens its head reads have halted
+                alive = torch.zeros(B, dtype=torch.bool, device=device)
+                alive[image[keep & (position < head)]] = True
+                keep = keep & alive[image]
+            if not bool(keep.any()):
+                image, position = image[keep], position[keep]
+                break
+            image, position, tokens, c, R = image[keep], position[keep], tokens[keep], step.c[keep], step.R[keep]
+        if recorder is not None:
+            for _ in range(len(recorder.counts), depth):  # images all finished early: nothing runs any more
+                self._record(recorder, image, position, B, N)
+            self._relocate(recorder, image, position, B, N)
+        return output
+
+    def _relocate(self, recorder: TraceRecorder, image: Tensor, position: Tensor, B: int, N: int) -> None:
+        """Set the recorder's owner map to the packed positions of the given active tokens."""
+        where = torch.full((B, N), -1, dtype=torch.long, device=image.device)
+        starts = torch.cumsum(torch.bincount(image, minlength=B), 0) - torch.bincount(image, minlength=B)
+        where[image, position] = torch.arange(image.shape[0], device=image.device) - starts[image]
+        prefix = recorder.num_prefix_tokens
+        recorder.owner = where[:, prefix:]
+
+    def _record(self, recorder: TraceRecorder, image: Tensor, position: Tensor, B: int, N: int) -> None:
+        self._relocate(recorder, image, position, B, N)
+        recorder.block(torch.bincount(image, minlength=B))
+
+    # -------------------------------------------------------------------------------------- student API
+    def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder]) -> tuple[Tensor, None]:
+        if self.training:
+            return self.forward_masked(x, recorder).features, None
+        return self.forward_packed(x, recorder), None
+
+    def tokens_out(self, x: Tensor, state: None) -> Tensor:
+        return x.new_zeros(x.shape[0], dtype=torch.long)  # every token has halted after the last block
+
+    def forward_halting(self, images: Tensor) -> tuple[Tensor, HaltingOutput]:
+        """Training: logits and the halting statistics, through the official masked computation."""
+        out = self.forward_masked(self.embed(images))
+        return self.vit.forward_head(self.vit.norm(out.features)), out
+
+
+def average_depth(trace: TokenTrace) -> Tensor:
+    """(B,) mean number of blocks each token of an image ran, from the token trace."""
+    n0 = trace.owner[0].shape[1] + trace.num_prefix_tokens
+    return trace.tokens[:, :-1].sum(1).float() / n0
+
+
+# ------------------------------------------------------------------------------------------------ module
+class AViTModule(ReductionModule):
+    """`METHODS["avit"]`: adaptive halting with `gate_scale`/`gate_center` (10/30 DeiT-T, 10/75 DeiT-S) and
+    `eps`. Loss terms `cls`, `ponder` (mean rho over images and tokens), `prior` (the Gaussian depth
+    prior's KL), weighted 1 / `ponder_weight` / `prior_weight`. `prior_mean_over`: "batch" is the official
+    per-layer mean `h[1:]`, which indexes the batch (drops the first image); "tokens" is the intended mean
+    over every image's patch tokens. The keep-rate schedule, when configured, ramps the ponder weight from 0
+    (the official code's unused halting warm-up)."""
+
+    def __init__(
+        self,
+        *,
+        gate_scale: float = 10.0,
+        gate_center: float = 30.0,
+        eps: float = 0.01,
+        ponder_weight: float = 5e-4,
+        prior_weight: float = 1e-3,
+        prior_target_depth: float = 8.0,
+        prior_mean_over: Literal["batch", "tokens"] = "batch",
+        keep_rate_schedule: Optional[dict[str, float]] = None,
+        **shared: Any,
+    ) -> None:
+        super().__init__(**shared)
+        if prior_mean_over not in ("batch", "tokens"):
+            raise ValueError(f"model.prior_mean_over: expected batch or tokens, got {prior_mean_over!r}")
+        self.target_ponder_weight = ponder_weight
+        self.ponder_weight = ponder_weight
+        self.prior_weight = prior_weight
+        self.prior_mean_over = prior_mean_over
+        self.keep_rate_schedule = keep_rate_schedule
+        self.build_student(AViTStudent, block_fn=AViTBlock, vit_kwargs={"attn_layer": AViTAttention},
+                           gate_scale=gate_scale, gate_center=gate_center, eps=eps)
+        self.register_buffer("prior_target", gaussian_depth_prior(self.student.depth, prior_target_depth),
+                             persistent=False)
+        self.depth_stats = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+
+    def loss_terms(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        logits, out = self.student.forward_halting(images)
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        if self.prior_mean_over == "batch":
+            layer_means = torch.stack([h[1:].mean() for h in out.layer_scores])  # the official indexing
+        else:
+            prefix = self.student.num_prefix_tokens
+            layer_means = torch.stack([h[:, prefix:].mean() for h in out.layer_scores])
+        return {
+            "cls": self.classification_loss(logits, targets),
+            "ponder": out.ponder.mean(),
+            # the official code adds the prior only when it is positive
+            "prior": F.relu(depth_prior_kl(layer_means, self.prior_target)),
+        }
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"cls": 1.0, "ponder": self.ponder_weight, "prior": self.prior_weight}
+
+    def apply_reduction(self, alpha: float) -> dict[str, float]:
+        self.ponder_weight = alpha * self.target_ponder_weight
+        return {"ponder_weight": self.ponder_weight}
+
+    def eval_trace_hook(self, stage: str, trace: TokenTrace) -> None:
+        self.depth_stats[stage].update(average_depth(trace))
+
+    def _log_eval_epoch(self, stage: str) -> None:
+        self.log(f"{stage}/avg_depth", self.depth_stats[stage].compute())
+        self.depth_stats[stage].reset()
+        super()._log_eval_epoch(stage)
