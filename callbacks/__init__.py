@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from callbacks.checkpointing import AtomicCheckpointIO
 from callbacks.determinism import ReseedEachBatch
+from callbacks.keep_rate import KeepRateSchedule
+from callbacks.throughput import ThroughputCallback
 
 # Callbacks a YAML can switch on under `callbacks:` (name -> class; the settings are its arguments).
-CALLBACKS: dict[str, type] = {}
+CALLBACKS: dict[str, type] = {
+    "throughput": ThroughputCallback,
+}
 
-__all__ = ["AtomicCheckpointIO", "CALLBACKS", "ReseedEachBatch"]
+__all__ = ["AtomicCheckpointIO", "CALLBACKS", "KeepRateSchedule", "ReseedEachBatch", "ThroughputCallback"]

@@ -203,19 +203,26 @@ def summarise(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def run_trainer_command(command: str, config: str, overrides: list[str]) -> int:
-    from experiments.config import ConfigError, check_config, load_config, to_plain
-
-    cfg_node, origins = load_config(config, overrides)
-    cfg = to_plain(cfg_node, origins)
+def load_checked(config: str, overrides: list[str], extra_top_level: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Load, merge and resolve a config, and check every key against what it configures."""
     import pytorch_lightning as pl
 
     from callbacks import CALLBACKS
     from datamodules import DATAMODULES
+    from experiments.config import check_config, load_config, to_plain
     from lightning_modules import METHODS
 
+    cfg_node, origins = load_config(config, overrides)
+    cfg = to_plain(cfg_node, origins)
     check_config(cfg, origins, methods=METHODS, datamodules=DATAMODULES, callbacks=CALLBACKS,
-                 trainer_cls=pl.Trainer)
+                 trainer_cls=pl.Trainer, extra_top_level=extra_top_level or {})
+    return cfg
+
+
+def run_trainer_command(command: str, config: str, overrides: list[str]) -> int:
+    import pytorch_lightning as pl
+
+    cfg = load_checked(config, overrides)
     run = prepare_run(cfg, command)
     pl.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
     module, datamodule = build_objects(cfg, resuming=run.resume_ckpt is not None)
@@ -290,11 +297,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="experiment YAML (a path, or relative to the experiments folder)")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="omegaconf dotlist overrides")
+    p = sub.add_parser("benchmark", help="throughput and MACs of a configured method next to its dense backbone")
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="overrides, and batch_sizes=[1,32] precision=32|bf16-mixed|16-mixed compile=true "
+                        "output=FILE.json warmup=N repeats=N device=cpu|cuda avit_depth=FRACTION")
     p = sub.add_parser("export-data", help="write the embedded data set as an ImageNet-style folder tree")
     p.add_argument("out", help="output folder")
     p.add_argument("--dataset", default="digits", choices=["digits", "mnist"])
     args = parser.parse_args(argv)
 
+    from experiments.benchmark import benchmark_command
     from experiments.config import ConfigError
 
     commands: dict[str, Callable[[], int]] = {
@@ -302,6 +315,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "validate": lambda: run_trainer_command("validate", args.config, args.overrides),
         "test": lambda: run_trainer_command("test", args.config, args.overrides),
         "export-data": lambda: export_data(args.out, args.dataset),
+        "benchmark": lambda: benchmark_command(args.config, args.overrides),
     }
     try:
         return commands[args.command]()

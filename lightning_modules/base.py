@@ -19,9 +19,10 @@ from timm.optim import param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_modules.macs import count_macs
 from lightning_modules.trace import TokenTrace
 from lightning_modules.vit import ViTStudent, create_teacher, create_vit, load_weights
 
@@ -125,6 +126,7 @@ class ReductionModule(pl.LightningModule):
         self.student: ViTStudent
         self.student_ema: Optional[ModelEmaV3] = None
         self.token_stats: Optional[nn.ModuleDict] = None
+        self.gmacs = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
 
     # ------------------------------------------------------------------------------------------ building
     def build_student(self, student_cls: type[ViTStudent] = ViTStudent,
@@ -243,6 +245,7 @@ class ReductionModule(pl.LightningModule):
         self.acc1[stage].update(logits, targets)
         self.acc5[stage].update(logits, targets)
         self.token_stats[stage].update(trace.tokens)
+        self.gmacs[stage].update(count_macs(self.student, trace).float() / 1e9)  # per image, as it ran
         self.log(f"{stage}/loss", F.cross_entropy(logits, targets), on_epoch=True, sync_dist=True)
         self.eval_trace_hook(stage, trace)
         if self.student_ema is not None:
@@ -265,7 +268,8 @@ class ReductionModule(pl.LightningModule):
         self.log(f"{stage}/acc5", self.acc5[stage].compute() * 100)
         for layer, tokens in enumerate(self.token_stats[stage].compute()):
             self.log(f"tokens/layer_{layer}", tokens.float())
-        for metric in (self.acc1[stage], self.acc5[stage], self.token_stats[stage]):
+        self.log("flops/gmacs", self.gmacs[stage].compute())
+        for metric in (self.acc1[stage], self.acc5[stage], self.token_stats[stage], self.gmacs[stage]):
             metric.reset()
 
     # ------------------------------------------------------------------------------------------ checkpoints

@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from lightning_modules.base import ReductionModule
-from lightning_modules.trace import TraceRecorder
+from lightning_modules.trace import TokenTrace, TraceRecorder
 from lightning_modules.vit import ViTStudent
 
 
@@ -114,6 +114,16 @@ class DynamicViTStudent(ViTStudent):
         self.keep_rate = keep_rate
         self.reduction_layers = tuple(reduction_layers)
         self.score_predictor = nn.ModuleList(PredictorLG(vit.embed_dim) for _ in self.reduction_layers)
+
+    def extra_macs(self, trace: TokenTrace) -> Tensor:
+        """Each predictor's linear layers on the patch tokens present before its stage drops any."""
+        from lightning_modules.macs import linear_macs
+
+        total = trace.tokens.new_zeros(trace.tokens.shape[0], dtype=torch.float64)
+        for stage, layer in enumerate(self.reduction_layers):
+            before = trace.tokens[:, layer - 1] if layer > 0 else trace.tokens[:, 0]
+            total += (before - self.num_prefix_tokens).double() * linear_macs(self.score_predictor[stage])
+        return total
 
     def extra_checkpoint_keys(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v for k, v in state_dict.items() if k.startswith("score_predictor.")}

@@ -20,7 +20,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor
 
 from lightning_modules.base import ReductionModule
-from lightning_modules.trace import TraceRecorder
+from lightning_modules.trace import TokenTrace, TraceRecorder
 from lightning_modules.vit import ViTStudent
 
 
@@ -129,6 +129,15 @@ class EViTStudent(ViTStudent):
         for block in vit.blocks:
             block.num_prefix = vit.num_prefix_tokens
             block.fuse_token = fuse_token
+
+    def extra_macs(self, trace: TokenTrace) -> Tensor:
+        """The class token's attention row (N x attn_dim) and the fused token's weighted sum ((N - p) x C)
+        in each block that reorganised."""
+        tokens, mlp_tokens = trace.tokens[:, :-1].double(), trace.mlp_tokens.double()
+        attn_dim = self.vit.blocks[0].attn.attn_dim
+        reduced = mlp_tokens < tokens
+        fused = (tokens - self.num_prefix_tokens) * self.embed_dim * float(self.vit.blocks[0].fuse_token)
+        return ((tokens * attn_dim + fused) * reduced).sum(1)
 
     def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder]) -> tuple[Tensor, None]:
         for layer, block in enumerate(self.vit.blocks):

@@ -22,7 +22,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor
 
 from lightning_modules.base import ReductionModule
-from lightning_modules.trace import TraceRecorder
+from lightning_modules.trace import TokenTrace, TraceRecorder
 from lightning_modules.vit import ViTStudent
 
 RSchedule = Union[int, list[int]]
@@ -213,6 +213,14 @@ class ToMeStudent(ViTStudent):
                 recorder.remap(dest)
                 recorder.mlp(x.shape[1])
         return x, size
+
+    def extra_macs(self, trace: TokenTrace) -> Tensor:
+        """The matching's similarity matmul, N_A x N_B x head_dim, in each block that merged."""
+        tokens, mlp_tokens = trace.tokens[:, :-1].double(), trace.mlp_tokens.double()
+        head_dim = self.vit.blocks[0].attn.head_dim
+        merged = mlp_tokens < tokens
+        scores = torch.ceil(tokens / 2) * torch.floor(tokens / 2) * head_dim
+        return (scores * merged).sum(1)
 
     def forward_head(self, x: Tensor, size: Optional[Tensor]) -> Tensor:
         vit = self.vit

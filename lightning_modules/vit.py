@@ -155,6 +155,10 @@ class ViTStudent(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
+    def extra_macs(self, trace: TokenTrace) -> Tensor:
+        """(B,) MACs a method adds beyond the ViT's own layers (see lightning_modules.macs); none here."""
+        return trace.tokens.new_zeros(trace.tokens.shape[0], dtype=torch.float64)
+
     def extra_checkpoint_keys(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Map a method's own keys in an official checkpoint (not timm keys) onto this student; none here."""
         return {}

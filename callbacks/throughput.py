@@ -1,0 +1,243 @@
+"""Throughput measured the same way for every method and its dense baseline, in the same run.
+
+Eval mode, inference mode, a fixed batch, warm-up iterations thrown away, the device synchronised around
+every timed call (CUDA events on a GPU), the median of several repeats. The dense model of the same
+backbone is timed at its fastest attention path on that device (timm's fused SDPA or the explicit
+matmul-softmax path), once, and cached.
+"""
+from __future__ import annotations
+
+import contextlib
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor, nn
+
+ROW_KEYS = ("method", "backbone", "batch_size", "precision", "images_per_sec", "dense_images_per_sec", "speedup",
+            "gmacs", "dense_gmacs", "mac_ratio", "efficiency", "peak_memory_mb", "device")
+
+
+@dataclass
+class Timing:
+    images_per_sec: float
+    peak_memory_mb: Optional[float]  # CUDA only: the CPU allocator keeps no per-call peak
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device) -> Iterator[None]:
+    """Lightning's precision names: 32 / 32-true run as is; bf16-mixed / 16-mixed under autocast."""
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        yield
+
+
+def set_fused_attention(model: nn.Module, fused: bool) -> None:
+    """timm's per-module switch between fused SDPA and the explicit attention path."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+
+
+def time_model(model: nn.Module, images: Tensor, precision: str = "32", warmup: int = 3,
+               repeats: int = 10) -> Timing:
+    """Median images/s of `model(images)` in eval and inference mode, and on CUDA the peak memory the timed
+    calls allocated (None on CPU, where no allocator statistics exist)."""
+    device = images.device
+    was_training = model.training
+    model.eval()
+    cuda = device.type == "cuda"
+    times = []
+    try:
+        with torch.inference_mode(), autocast(precision, device):
+            for _ in range(warmup):
+                model(images)
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(repeats):
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    model(images)
+                    end.record()
+                    torch.cuda.synchronize(device)
+                    times.append(start.elapsed_time(end) / 1000.0)
+                else:
+                    t0 = time.perf_counter()
+                    model(images)
+                    times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    return Timing(images.shape[0] / statistics.median(times), peak)
+
+
+def fastest_dense(dense: nn.Module, images: Tensor, precision: str, warmup: int, repeats: int) -> tuple[Timing, bool]:
+    """Time the dense model with fused and with explicit attention; return the faster and whether it was fused."""
+    timings = {}
+    for fused in (True, False):
+        set_fused_attention(dense, fused)
+        timings[fused] = time_model(dense, images, precision, warmup, repeats)
+    fused = timings[True].images_per_sec >= timings[False].images_per_sec
+    set_fused_attention(dense, fused)
+    return timings[fused], fused
+
+
+@dataclass
+class DenseBaseline:
+    timing: Timing
+    gmacs: float
+    fused: bool  # whether fused SDPA was the faster attention path
+
+
+def dense_baseline(module: nn.Module, images: Tensor, precision: str = "32", warmup: int = 3,
+                   repeats: int = 10) -> DenseBaseline:
+    """Time the dense ViT of a module's backbone (random weights: its speed does not depend on them) at its
+    fastest attention path, and count its MACs."""
+    from lightning_modules.macs import count_macs
+    from lightning_modules.vit import ViTStudent, create_vit
+
+    hp = module.hparams
+    vit = create_vit(hp.backbone, num_classes=hp.num_classes, img_size=hp.img_size, **(hp.backbone_kwargs or {}))
+    dense = ViTStudent(vit).eval().to(images.device)
+    with torch.inference_mode():
+        _, trace = dense(images, trace=True)
+    timing, fused = fastest_dense(dense, images, precision, warmup, repeats)
+    return DenseBaseline(timing, float(count_macs(dense, trace).mean()) / 1e9, fused)
+
+
+def measure(module: nn.Module, images: Tensor, dense: DenseBaseline, *, precision: str = "32", warmup: int = 3,
+            repeats: int = 10, gmacs: Optional[float] = None, model: Optional[nn.Module] = None) -> dict[str, Any]:
+    """One benchmark row (ROW_KEYS) for a module's student on `images` against a dense baseline. `gmacs`
+    overrides the MACs of the timed batch (e.g. a validation average); `model` is what gets timed
+    (default the student; e.g. its torch.compile'd version)."""
+    from lightning_modules.macs import count_macs
+
+    student = module.student
+    was_training = student.training
+    with torch.inference_mode():
+        _, trace = student.eval()(images, trace=True)
+    student.train(was_training)
+    gmacs = float(count_macs(student, trace).mean()) / 1e9 if gmacs is None else gmacs
+    timing = time_model(model or student, images, precision, warmup, repeats)
+    speedup = timing.images_per_sec / dense.timing.images_per_sec
+    mac_ratio = dense.gmacs / gmacs
+    return dict(method=type(module).__name__.removesuffix("Module").lower(), backbone=module.hparams.backbone,
+                batch_size=images.shape[0], precision=str(precision), images_per_sec=timing.images_per_sec,
+                dense_images_per_sec=dense.timing.images_per_sec, speedup=speedup, gmacs=gmacs,
+                dense_gmacs=dense.gmacs, mac_ratio=mac_ratio, efficiency=speedup / mac_ratio,
+                peak_memory_mb=timing.peak_memory_mb, device=device_name(images.device))
+
+
+class ThroughputCallback(Callback):
+    """Measure img/s, speed-up over the dense backbone and MACs after validation, on global rank 0.
+
+    every_n_epochs: during fit, after every n-th validation (0: only at fit end). at_fit_end /
+    at_validate_end / at_test_end: also at those points. The timed batch is the first validation batch
+    (tiled to `batch_size`; fixed across epochs, and real images, which matters for A-ViT whose depth
+    depends on the input), or a seeded random batch when there is none. MACs for the MAC ratio are the
+    validation average the module logged (`flops/gmacs`), else those of the timed batch.
+    Logs throughput/images_per_sec, throughput/dense_images_per_sec, throughput/speedup, flops/dense_gmacs,
+    flops/mac_ratio, throughput/efficiency, throughput/peak_memory_mb, throughput/dense_fused_attn, and a
+    W&B table.
+    """
+
+    def __init__(self, batch_size: int = 32, warmup: int = 3, repeats: int = 10, every_n_epochs: int = 1,
+                 at_fit_end: bool = True, at_validate_end: bool = True, at_test_end: bool = True) -> None:
+        self.batch_size = batch_size
+        self.warmup = warmup
+        self.repeats = repeats
+        self.every_n_epochs = every_n_epochs
+        self.at_fit_end = at_fit_end
+        self.at_validate_end = at_validate_end
+        self.at_test_end = at_test_end
+        self.images: Optional[Tensor] = None
+        self.dense: Optional[DenseBaseline] = None
+        self.last_row: Optional[dict[str, Any]] = None
+        self._measured_step: Optional[int] = None
+
+    def _keep_batch(self, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        if self.images is None and batch_idx == 0 and dataloader_idx == 0:
+            images = batch[0]
+            reps = -(-self.batch_size // images.shape[0])
+            self.images = images.repeat(reps, 1, 1, 1)[: self.batch_size].detach().clone()
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._keep_batch(batch, batch_idx, dataloader_idx)
+
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                            batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._keep_batch(batch, batch_idx, dataloader_idx)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == "fit":
+            last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
+            periodic = self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+            if periodic or (last and self.at_fit_end):
+                self.run(trainer, pl_module)
+        elif self.at_validate_end:
+            self.run(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_test_end:
+            self.run(trainer, pl_module)
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._measured_step == trainer.global_step and trainer.state.fn == "fit":
+            return
+        self._measured_step = trainer.global_step
+        if trainer.is_global_zero:
+            self.last_row = self.measure(trainer, pl_module)
+            metrics = {
+                "throughput/images_per_sec": self.last_row["images_per_sec"],
+                "throughput/dense_images_per_sec": self.last_row["dense_images_per_sec"],
+                "throughput/speedup": self.last_row["speedup"],
+                "flops/dense_gmacs": self.last_row["dense_gmacs"],
+                "flops/mac_ratio": self.last_row["mac_ratio"],
+                "throughput/efficiency": self.last_row["efficiency"],
+                "throughput/dense_fused_attn": float(self.dense.fused),
+            }
+            if self.last_row["peak_memory_mb"] is not None:
+                metrics["throughput/peak_memory_mb"] = self.last_row["peak_memory_mb"]
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+                if hasattr(logger, "log_table"):  # W&B
+                    logger.log_table(key="throughput/table", columns=list(ROW_KEYS),
+                                     data=[[self.last_row[k] for k in ROW_KEYS]])
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        trainer.strategy.barrier("throughput")
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        device = pl_module.device
+        if self.images is None:
+            size = pl_module.student.vit.patch_embed.img_size
+            generator = torch.Generator().manual_seed(0)
+            self.images = torch.randn(self.batch_size, 3, *size, generator=generator)
+        images = self.images.to(device)
+        precision = str(trainer.precision)
+        logged = trainer.callback_metrics.get("flops/gmacs")
+        if self.dense is None:
+            self.dense = dense_baseline(pl_module, images, precision, self.warmup, self.repeats)
+        return measure(pl_module, images, self.dense, precision=precision, warmup=self.warmup, repeats=self.repeats,
+                       gmacs=float(logged) if logged is not None else None)

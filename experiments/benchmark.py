@@ -1,0 +1,174 @@
+"""`leanvit benchmark CONFIG [batch_sizes=[1,32,256]] [precision=32|bf16-mixed|16-mixed] [compile=true]
+[output=FILE.json]`: throughput of a configured method next to its dense backbone, no data set needed.
+
+`python -m experiments.benchmark grid [--output BENCHMARKS.md]` (`make benchmark`) runs the standard grid on
+the machine it is on and rewrites that device's tables in BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from callbacks.throughput import ROW_KEYS, dense_baseline, device_name, measure, set_fused_attention, time_model
+
+# Top-level keys `leanvit benchmark` accepts besides an experiment's own.
+BENCHMARK_KEYS: dict[str, Any] = {
+    "batch_sizes": list[int],
+    "precision": str,
+    "compile": bool,
+    "output": Optional[str],
+    "warmup": int,
+    "repeats": int,
+    "device": str,
+    "avit_depth": Optional[float],
+}
+STATIC_SHAPES = ("dense", "tome", "evit", "dynamicvit")  # torch.compile-able: fixed shapes per batch size
+
+
+def calibrate_halting(student: torch.nn.Module, images: torch.Tensor, depth_fraction: float) -> float:
+    """Set an A-ViT student's gate_center so its mean depth on `images` is `depth_fraction` of the blocks.
+    Untrained (random) weights barely halt; this stands in for trained ones in a speed benchmark."""
+    from lightning_modules.avit import average_depth
+
+    low, high = -100.0, 300.0
+    for _ in range(20):
+        student.gate_center = (low + high) / 2
+        with torch.inference_mode():
+            _, trace = student.eval()(images, trace=True)
+        depth = float(average_depth(trace).mean()) / student.depth
+        low, high = (student.gate_center, high) if depth < depth_fraction else (low, student.gate_center)
+    return student.gate_center
+
+
+def benchmark_module(module: Any, method: str, batch_sizes: list[int], *, precision: str = "32",
+                     compile: bool = False, warmup: int = 3, repeats: int = 10, device: str = "auto",
+                     avit_depth: Optional[float] = None) -> list[dict[str, Any]]:
+    """Rows (ROW_KEYS) for one module at several batch sizes; the dense baseline is timed in the same run."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    module = module.to(dev).eval()
+    size = module.student.vit.patch_embed.img_size
+    rows = []
+    for batch_size in batch_sizes:
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(batch_size, 3, *size, generator=generator).to(dev)
+        if method == "avit" and avit_depth is not None:
+            calibrate_halting(module.student, images, avit_depth)
+        dense = dense_baseline(module, images, precision, warmup, repeats)
+        timed = None
+        if compile and method in STATIC_SHAPES:
+            timed = torch.compile(module.student)
+        elif compile:
+            print(f"leanvit benchmark: {method} changes shapes per input; timed without torch.compile", file=sys.stderr)
+        row = measure(module, images, dense, precision=precision, warmup=warmup, repeats=repeats, model=timed)
+        row["method"] = method
+        if compile and method in STATIC_SHAPES:  # compare compiled with compiled
+            from lightning_modules.vit import ViTStudent, create_vit
+
+            hp = module.hparams
+            twin = ViTStudent(create_vit(hp.backbone, num_classes=hp.num_classes, img_size=hp.img_size,
+                                         **(hp.backbone_kwargs or {}))).eval().to(dev)
+            set_fused_attention(twin, dense.fused)
+            dense_ips = time_model(torch.compile(twin), images, precision, warmup, repeats).images_per_sec
+            row.update(dense_images_per_sec=dense_ips, speedup=row["images_per_sec"] / dense_ips)
+            row["efficiency"] = row["speedup"] / row["mac_ratio"]
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = ("| method | backbone | batch | precision | img/s | dense img/s | speed-up | GMACs | dense GMACs | "
+              "MAC ratio | efficiency | peak memory (MB) |")
+    lines = [header, "|" + "---|" * 12]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['backbone']} | {r['batch_size']} | {r['precision']} | "
+                     f"{r['images_per_sec']:.1f} | {r['dense_images_per_sec']:.1f} | x{r['speedup']:.2f} | "
+                     f"{r['gmacs']:.2f} | {r['dense_gmacs']:.2f} | {r['mac_ratio']:.2f} | {r['efficiency']:.2f} | "
+                     f"{'n/a' if r['peak_memory_mb'] is None else format(r['peak_memory_mb'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def benchmark_command(config: str, overrides: list[str]) -> int:
+    """The `leanvit benchmark` command."""
+    from experiments.cli import build_objects, load_checked
+
+    cfg = load_checked(config, overrides, BENCHMARK_KEYS)
+    cfg["model"] = dict(cfg.get("model") or {}, pretrained=False)  # speed needs no hub weights
+    torch.manual_seed(cfg.get("seed", 0))
+    module, _ = build_objects(cfg, resuming=False)
+    rows = benchmark_module(
+        module, cfg["method"], list(cfg.get("batch_sizes") or [1, 32]), precision=str(cfg.get("precision") or "32"),
+        compile=bool(cfg.get("compile")), warmup=int(cfg.get("warmup") or 3), repeats=int(cfg.get("repeats") or 10),
+        device=str(cfg.get("device") or "auto"), avit_depth=cfg.get("avit_depth"))
+    print(format_table(rows))
+    print(f"device: {rows[0]['device']}")
+    if cfg.get("output"):
+        Path(cfg["output"]).write_text(json.dumps([{k: r[k] for k in ROW_KEYS} for r in rows], indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ the grid
+# (config, overrides, A-ViT mean depth standing in for trained weights: the papers' MAC ratios)
+GRID = {
+    "deit_tiny": [("deit_tiny/dense.yaml", []), ("deit_tiny/tome_r12.yaml", ["model.r=13"]),
+                  ("deit_tiny/evit_kr0.7.yaml", []), ("deit_tiny/dynamicvit_r0.7.yaml", []),
+                  ("deit_tiny/avit.yaml", ["avit_depth=0.63"])],
+    "deit_small": [("deit_small/dense.yaml", []), ("deit_small/tome_r13.yaml", []),
+                   ("deit_small/evit_kr0.7.yaml", []), ("deit_small/dynamicvit_r0.7.yaml", []),
+                   ("deit_small/avit.yaml", ["avit_depth=0.78"])],
+}
+
+
+def run_grid(markdown: Path, warmup: int, repeats: int) -> list[dict[str, Any]]:
+    """Run the standard grid here and rewrite this device's section of BENCHMARKS.md."""
+    from experiments.cli import build_objects, load_checked
+
+    gpu = torch.cuda.is_available()
+    batch_sizes, precision = ([1, 32, 256], "bf16-mixed") if gpu else ([1, 32], "32")
+    rows = []
+    for backbone, entries in GRID.items():
+        for config, overrides in entries:
+            cfg = load_checked(config, overrides, BENCHMARK_KEYS)
+            cfg["model"] = dict(cfg["model"], pretrained=False)
+            torch.manual_seed(0)
+            module, _ = build_objects(cfg, resuming=False)
+            print(f"[grid] {config} {' '.join(overrides)}", file=sys.stderr, flush=True)
+            rows += benchmark_module(module, cfg["method"], batch_sizes, precision=precision, warmup=warmup,
+                                     repeats=repeats, avit_depth=cfg.get("avit_depth"))
+    write_section(markdown, rows)
+    return rows
+
+
+def write_section(markdown: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace (or append) the section of BENCHMARKS.md for the device the rows were measured on."""
+    device = rows[0]["device"]
+    begin, end = f"<!-- grid: {device} -->", f"<!-- end grid: {device} -->"
+    body = (f"{begin}\n### {device}\n\n{format_table(rows)}\n\nMeasured by `make benchmark` "
+            f"(`python -m experiments.benchmark grid`); A-ViT rows use random weights with the halting gate set "
+            f"to the papers' mean depth (DeiT-T 0.63, DeiT-S 0.78 of the blocks).\n{end}")
+    text = markdown.read_text() if markdown.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip() + "\n\n" + body + "\n"
+    markdown.write_text(text)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmark")
+    parser.add_argument("command", choices=["grid"])
+    parser.add_argument("--output", default="BENCHMARKS.md")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    rows = run_grid(Path(args.output), args.warmup, args.repeats)
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
