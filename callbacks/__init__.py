@@ -5,10 +5,12 @@ from callbacks.checkpointing import AtomicCheckpointIO
 from callbacks.determinism import ReseedEachBatch
 from callbacks.keep_rate import KeepRateSchedule
 from callbacks.throughput import ThroughputCallback
+from callbacks.token_maps import TokenMapCallback
 
 # Callbacks a YAML can switch on under `callbacks:` (name -> class; the settings are its arguments).
 CALLBACKS: dict[str, type] = {
     "throughput": ThroughputCallback,
+    "token_maps": TokenMapCallback,
 }
 
-__all__ = ["AtomicCheckpointIO", "CALLBACKS", "KeepRateSchedule", "ReseedEachBatch", "ThroughputCallback"]
+__all__ = ["AtomicCheckpointIO", "CALLBACKS", "KeepRateSchedule", "ReseedEachBatch", "ThroughputCallback", "TokenMapCallback"]

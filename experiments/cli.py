@@ -249,7 +249,12 @@ def run_trainer_command(command: str, config: str, overrides: list[str]) -> int:
     if run.rank_zero:
         results["wall_seconds"] = round(time.time() - started, 1)
         (run.dir / f"results_{command}.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-        shown = {k: v for k, v in results.items() if k.split("/")[0] in ("val", "test", "best")}
+        if cfg.get("report"):
+            from experiments.report import write_report
+
+            write_report([run.dir], run.dir / "report")
+        shown = {k: v for k, v in results.items()
+                 if k.split("/")[0] in ("val", "test", "best") or k in ("throughput/speedup", "flops/gmacs")}
         print(f"leanvit {command}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(shown.items()))
               + f"  ({results['wall_seconds']:.0f} s; run dir {run.dir})")
     return 0
@@ -261,7 +266,10 @@ def finish_wandb(trainer: Any) -> None:
 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            import wandb
+
             logger.experiment.finish()
+            wandb.teardown()  # flushes the offline files; a later run in this process starts a fresh service
 
 
 def run_stage(command: str, trainer: Any, module: Any, datamodule: Any, run: Run) -> dict[str, float]:
@@ -278,6 +286,52 @@ def run_stage(command: str, trainer: Any, module: Any, datamodule: Any, run: Run
     else:
         results = summarise(trainer.test(module, datamodule=datamodule)[0])
     return results
+
+
+VISUALIZE_KEYS: dict[str, Any] = {"images": str, "out": str, "layers": Optional[list[int]]}
+
+
+def visualize_command(config: str, overrides: list[str]) -> int:
+    """`leanvit visualize CONFIG [model.weights=...] images=PATH_OR_GLOB out=DIR`: token maps for any images."""
+    import glob
+
+    import torch
+    from PIL import Image
+
+    from callbacks.token_maps import save_figures
+    from experiments.config import ConfigError
+
+    cfg = load_checked(config, overrides, VISUALIZE_KEYS)
+    if not cfg.get("images"):
+        raise ConfigError("images: missing required value (a file, a folder or a glob: images=photos/*.jpg)")
+    pattern = str(cfg["images"])
+    paths = sorted(Path(pattern).glob("*")) if Path(pattern).is_dir() else [Path(p) for p in sorted(glob.glob(pattern))]
+    paths = [p for p in paths if p.is_file()]
+    if not paths:
+        raise ConfigError(f"images: nothing matches {pattern!r}")
+    module, datamodule = build_objects(cfg, resuming=False)
+    transform = datamodule.eval_transform()
+    try:
+        images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    except OSError as err:
+        raise ConfigError(f"images: cannot read an image: {err}") from err
+    out = Path(cfg.get("out") or "token_maps")
+    written = save_figures(module.student, images, out, [p.stem for p in paths], datamodule.mean, datamodule.std,
+                           cfg.get("layers"), title=f"{cfg['method']} {experiment_name(cfg)}")
+    print(f"leanvit visualize: wrote {len(written)} figures to {out}/")
+    return 0
+
+
+def report_command(run_dirs: list[str], out: str) -> int:
+    from experiments.config import ConfigError
+    from experiments.report import write_report
+
+    try:
+        written = write_report([Path(d) for d in run_dirs], Path(out))
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from err
+    print(f"leanvit report: wrote {', '.join(str(p) for p in written)}")
+    return 0
 
 
 def export_data(out: str, dataset: str) -> int:
@@ -302,6 +356,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="overrides, and batch_sizes=[1,32] precision=32|bf16-mixed|16-mixed compile=true "
                         "output=FILE.json warmup=N repeats=N device=cpu|cuda avit_depth=FRACTION")
+    p = sub.add_parser("visualize", help="token maps (kept, merged, pruned, halted patches) for any images")
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="overrides, and images=PATH_OR_GLOB out=DIR layers=[3,6,9,12]")
+    p = sub.add_parser("report", help="accuracy vs throughput and vs GMACs plots and a table for run directories")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p = sub.add_parser("export-data", help="write the embedded data set as an ImageNet-style folder tree")
     p.add_argument("out", help="output folder")
     p.add_argument("--dataset", default="digits", choices=["digits", "mnist"])
@@ -316,6 +376,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "test": lambda: run_trainer_command("test", args.config, args.overrides),
         "export-data": lambda: export_data(args.out, args.dataset),
         "benchmark": lambda: benchmark_command(args.config, args.overrides),
+        "visualize": lambda: visualize_command(args.config, args.overrides),
+        "report": lambda: report_command([r for r in args.runs if not r.startswith("out=")],
+                                         next((r[4:] for r in args.runs if r.startswith("out=")), "report")),
     }
     try:
         return commands[args.command]()

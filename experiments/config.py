@@ -258,6 +258,7 @@ class RunConfig:
     version: Optional[str] = None
     config_path: Optional[str] = None
     description: Optional[str] = None
+    report: bool = False  # fit: write the report (plots + table) of this run into <run>/report
 
 
 # Keys the CLI sets on the Trainer itself.

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 import lightning_modules.vit  # noqa: E402,F401  (registers the micro ViTs with timm)
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = str(REPO / "experiments" / "quickstart.yaml")
+QUICKSTART = str(REPO / "experiments" / "digits" / "dense.yaml")  # the dense digits recipe the quickstart builds on
 # A fast variant of the quickstart for tests: 2 blocks, no progress bar or model summary.
 FAST = ["model.backbone_kwargs.depth=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "trainer.num_sanity_val_steps=0"]

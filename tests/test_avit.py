@@ -153,7 +153,7 @@ def test_halting_score_reads_channel_zero() -> None:
 def test_fit_lowers_the_average_depth(in_tmp: Path) -> None:
     assert leanvit("fit", QUICKSTART, *FAST, "method=avit", "model.gate_center=10.0", "model.ponder_weight=0.05",
                    "trainer.max_epochs=5", "trainer.log_every_n_steps=5") == 0
-    rows = metrics(in_tmp / "runs" / "quickstart" / "version_0")
+    rows = metrics(in_tmp / "runs" / "digits" / "dense" / "version_0")
     for term in ("cls", "ponder", "prior"):
         assert column(rows, f"train/loss_{term}"), term
     depth = column(rows, "val/avg_depth")

@@ -197,7 +197,7 @@ def test_fit_with_a_tiny_teacher_learns(in_tmp: Path) -> None:
                    "model.keep_rate=0.5", f"model.teacher_weights={in_tmp / 'teacher.pth'}",
                    "model.backbone_freeze_epochs=0", "model.backbone_lr_scale=1.0", "trainer.max_epochs=5",
                    "trainer.log_every_n_steps=5") == 0
-    rows = metrics(in_tmp / "runs" / "quickstart" / "version_0")
+    rows = metrics(in_tmp / "runs" / "digits" / "dense" / "version_0")
     for term in ("cls", "ratio", "kl", "distill"):
         assert column(rows, f"train/loss_{term}"), term
     acc = column(rows, "val/acc1")

@@ -160,7 +160,7 @@ def test_distilled_deit_trains_with_a_teacher(in_tmp: Path) -> None:
                    "model.keep_rate=0.5", "model.reduction_layers=[0,1]", "model.teacher=vit_micro_patch4_32",
                    f"model.teacher_weights={in_tmp / 'teacher.pth'}", "model.distillation=hard",
                    "trainer.max_epochs=1", "trainer.limit_train_batches=6", "trainer.log_every_n_steps=1") == 0
-    rows = metrics(in_tmp / "runs" / "quickstart" / "version_0")
+    rows = metrics(in_tmp / "runs" / "digits" / "dense" / "version_0")
     assert column(rows, "train/loss_distill") and column(rows, "val/acc1")
     # 66 tokens -> ceil(0.5 * 64) = 32 kept + fused -> ceil(0.5 * 33) = 17 kept + fused, prefix 2
     assert column(rows, "tokens/layer_1")[-1] == 2 + 32 + 1 and column(rows, "tokens/layer_2")[-1] == 2 + 17 + 1
@@ -202,5 +202,5 @@ def test_keep_rate_schedule_follows_evit_across_a_resume(in_tmp: Path) -> None:
 def test_fit_with_evit_learns(in_tmp: Path) -> None:
     assert leanvit("fit", QUICKSTART, *FAST, "method=evit", "model.keep_rate=0.7", "model.reduction_layers=[0,1]",
                    "trainer.max_epochs=6") == 0
-    acc = column(metrics(in_tmp / "runs" / "quickstart" / "version_0"), "val/acc1")
+    acc = column(metrics(in_tmp / "runs" / "digits" / "dense" / "version_0"), "val/acc1")
     assert acc[-1] > 30 and acc[-1] > acc[0] + 10

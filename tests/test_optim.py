@@ -34,7 +34,7 @@ def test_warmup_cosine_per_iteration_and_batch_scaled_lr(in_tmp: Path) -> None:
     assert leanvit("fit", QUICKSTART, *FAST, f"trainer.max_epochs={epochs}", f"trainer.limit_train_batches={steps}",
                    "trainer.log_every_n_steps=1", f"model.lr={lr}", "model.lr_reference_batch=64",
                    "model.warmup_epochs=1", f"model.warmup_lr={warmup_lr}", f"model.min_lr={min_lr}") == 0
-    logged = column(metrics(in_tmp / "runs" / "quickstart" / "version_0"), "train/lr")
+    logged = column(metrics(in_tmp / "runs" / "digits" / "dense" / "version_0"), "train/lr")
     assert len(logged) == epochs * steps
     peak = lr * 32 / 64  # data.batch_size 32 on one device, lr given for a batch of 64
     for step, value in enumerate(logged):

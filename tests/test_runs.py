@@ -33,7 +33,7 @@ def test_killed_run_resumes_exactly(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "experiments.cli", "fit", QUICKSTART, *FAST, *RANDOM, "runs_dir=killed",
             "logger.wandb.enabled=true"]
     victim = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "killed" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "killed" / "digits" / "dense" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while not last.exists() and victim.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -46,15 +46,15 @@ def test_killed_run_resumes_exactly(tmp_path: Path) -> None:
                                  "resume=last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout
-    run = tmp_path / "killed" / "quickstart" / "version_0"
-    assert not (tmp_path / "killed" / "quickstart" / "version_1").exists()  # the same run directory
+    run = tmp_path / "killed" / "digits" / "dense" / "version_0"
+    assert not (tmp_path / "killed" / "digits" / "dense" / "version_1").exists()  # the same run directory
 
-    expected = student_state(tmp_path / "uninterrupted" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")
+    expected = student_state(tmp_path / "uninterrupted" / "digits" / "dense" / "version_0" / "checkpoints" / "last.ckpt")
     got = student_state(run / "checkpoints" / "last.ckpt")
     assert expected.keys() == got.keys() and any(k.startswith("student_ema.") for k in got)
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
-    a = json.loads((tmp_path / "uninterrupted" / "quickstart" / "version_0" / "results_fit.json").read_text())
+    a = json.loads((tmp_path / "uninterrupted" / "digits" / "dense" / "version_0" / "results_fit.json").read_text())
     b = json.loads((run / "results_fit.json").read_text())
     assert a["val/acc1"] == b["val/acc1"] and a["val/loss"] == b["val/loss"]
     # the same W&B run: both attempts wrote to one run id
@@ -66,7 +66,7 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
     done = leanvit_subprocess("fit", QUICKSTART, *FAST, "trainer.max_epochs=2", "trainer.accelerator=cpu",
                               "trainer.devices=2", "trainer.strategy=ddp", cwd=tmp_path, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = list((tmp_path / "runs" / "quickstart").iterdir())
+    runs = list((tmp_path / "runs" / "digits" / "dense").iterdir())
     assert [r.name for r in runs] == ["version_0"]  # both ranks agreed on one run directory
     ckpt = torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 * (1438 // 2 // 32)  # each rank saw half of the 1,438 training images

@@ -115,7 +115,7 @@ KEYS = ("throughput/images_per_sec", "throughput/dense_images_per_sec", "through
 def test_callback_logs_its_keys(in_tmp: Path) -> None:
     assert leanvit("fit", QUICKSTART, *FAST, "method=evit", "model.reduction_layers=[0]", "trainer.max_epochs=2",
                    "trainer.limit_train_batches=3", "callbacks.throughput={batch_size: 8, warmup: 1, repeats: 2}") == 0
-    rows = metrics(in_tmp / "runs" / "quickstart" / "version_0")
+    rows = metrics(in_tmp / "runs" / "digits" / "dense" / "version_0")
     for key in KEYS:
         assert len(column(rows, key)) == 2, key  # after each validation
     ratio = column(rows, "flops/mac_ratio")[-1]

@@ -258,7 +258,7 @@ def test_fit_with_tome_learns(in_tmp: Path) -> None:
                    "model.keep_rate_schedule={start_epoch: 0, shrink_epochs: 2}", "trainer.log_every_n_steps=5") == 0
     from test_training import column, metrics
 
-    rows = metrics(in_tmp / "runs" / "quickstart" / "version_0")
+    rows = metrics(in_tmp / "runs" / "digits" / "dense" / "version_0")
     acc = column(rows, "val/acc1")
     assert acc[-1] > 30 and acc[-1] > acc[0] + 10
     r_logged = column(rows, "train/r")

@@ -38,7 +38,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert leanvit("fit", QUICKSTART, *FAST, "trainer.max_epochs=6", "logger.wandb.enabled=true") == 0
     finally:
         os.chdir(cwd)
-    return root / "runs" / "quickstart" / "version_0"
+    return root / "runs" / "digits" / "dense" / "version_0"
 
 
 def test_fit_learns_and_writes_the_run_directory(trained: Path) -> None:
@@ -64,7 +64,7 @@ def test_best_checkpoint_reloads_through_weights(trained: Path, in_tmp: Path) ->
     ckpt = torch.load(best, weights_only=True)  # only plain containers in the checkpoint
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
     assert leanvit("validate", QUICKSTART, *FAST, f"model.weights={best}") == 0
-    validated = json.loads(next((in_tmp / "runs" / "quickstart").glob("*/results_validate.json")).read_text())
+    validated = json.loads(next((in_tmp / "runs" / "digits" / "dense").glob("*/results_validate.json")).read_text())
     best_acc = max(column(metrics(trained), "val/acc1"))
     assert validated["val/acc1"] == pytest.approx(best_acc, abs=1e-3)
 
@@ -150,5 +150,5 @@ def test_ema_tracks_the_student_and_is_evaluated(in_tmp: Path) -> None:
             torch.testing.assert_close(value, expected)
     assert leanvit("fit", QUICKSTART, *FAST, "trainer.max_epochs=1", "trainer.limit_train_batches=5",
                    "model.ema_decay=0.9") == 0
-    rows = metrics(in_tmp / "runs" / "quickstart" / "version_0")
+    rows = metrics(in_tmp / "runs" / "digits" / "dense" / "version_0")
     assert column(rows, "val/ema_acc1")

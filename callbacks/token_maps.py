@@ -1,0 +1,175 @@
+"""Token maps: which patches a reduced ViT kept, merged, fused, pruned or halted, drawn from the token trace.
+
+One figure per image: the input; the token map entering selected blocks (pruned or halted patches greyed,
+patches that share a token filled with their group's mean colour inside white borders, as in the ToMe
+paper); each patch's depth (the blocks its token ran, A-ViT's halting-depth map); and the token count per
+block. Everything comes from `student(images, trace=True)`: no method-specific code.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor
+
+from lightning_modules.trace import TokenTrace
+
+GREY = np.array([0.55, 0.55, 0.55])
+
+
+def default_layers(depth: int) -> list[int]:
+    """Token maps entering a quarter, half and three quarters of the blocks, and leaving the last."""
+    return sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)} | {depth})
+
+
+def to_rgb(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A normalised (3, H, W) image -> (H, W, 3) floats in [0, 1]."""
+    mean_t = torch.tensor(mean, dtype=image.dtype).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=image.dtype).view(3, 1, 1)
+    return (image.detach().cpu() * std_t + mean_t).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def token_map(rgb: np.ndarray, owner: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Draw one layer's token map. rgb: (H, W, 3); owner: (N0,) token of each patch or -1 -> (H, W, 3).
+
+    Patches no longer taking part are greyed; patches sharing a token are filled with their group's mean
+    colour and outlined in white; patches with a token of their own show the image.
+    """
+    gh, gw = grid
+    H, W = rgb.shape[:2]
+    ph, pw = H // gh, W // gw
+    patches = rgb[:gh * ph, :gw * pw].reshape(gh, ph, gw, pw, 3).transpose(0, 2, 1, 3, 4)  # (gh, gw, ph, pw, 3)
+    labels = owner.reshape(gh, gw)
+    out = patches.copy()
+    gone = labels < 0
+    out[gone] = 0.35 * out[gone] + 0.65 * GREY
+    values, counts = np.unique(labels[~gone], return_counts=True)
+    grouped = np.zeros_like(gone)
+    for value in values[counts > 1]:
+        members = labels == value
+        out[members] = patches[members].mean(axis=(0, 1, 2))
+        grouped |= members
+    image = out.transpose(0, 2, 1, 3, 4).reshape(gh * ph, gw * pw, 3)
+    # white borders wherever a grouped patch meets a patch of another token
+    edge = np.zeros((gh * ph, gw * pw), dtype=bool)
+    full = np.kron(labels, np.ones((ph, pw), dtype=labels.dtype))
+    in_group = np.kron(grouped, np.ones((ph, pw), dtype=bool))
+    diff_x = (full[:, 1:] != full[:, :-1]) & (in_group[:, 1:] | in_group[:, :-1])
+    diff_y = (full[1:, :] != full[:-1, :]) & (in_group[1:, :] | in_group[:-1, :])
+    edge[:, 1:] |= diff_x
+    edge[1:, :] |= diff_y
+    image[edge] = 1.0
+    return image
+
+
+def patch_depth(trace: TokenTrace, index: int) -> np.ndarray:
+    """(N0,) blocks each patch's token ran in (its halting depth for A-ViT)."""
+    return np.stack([(owner[index] >= 0).cpu().numpy() for owner in trace.owner[:-1]]).sum(0)
+
+
+def token_map_figure(rgb: np.ndarray, trace: TokenTrace, index: int, layers: Optional[Sequence[int]] = None,
+                     title: str = "", dpi: int = 100) -> Figure:
+    """The figure for image `index` of a trace: input | token maps | depth | token counts."""
+    depth = trace.depth
+    layers = list(layers) if layers is not None else default_layers(depth)
+    panels = 1 + len(layers) + 2
+    fig = Figure(figsize=(2.4 * panels, 2.8), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels)
+    axes[0].imshow(rgb, interpolation="nearest")
+    axes[0].set_title("input", fontsize=9)
+    for ax, layer in zip(axes[1:], layers):
+        ax.imshow(token_map(rgb, trace.owner[layer][index].cpu().numpy(), trace.grid_size), interpolation="nearest")
+        where = f"after block {layer - 1}" if layer == depth else f"entering block {layer}"
+        ax.set_title(f"{where}: {int(trace.tokens[index, layer])} tokens", fontsize=9)
+    depth_ax = axes[1 + len(layers)]
+    shown = depth_ax.imshow(patch_depth(trace, index).reshape(trace.grid_size), cmap="magma", vmin=0, vmax=depth)
+    depth_ax.set_title("blocks run per patch", fontsize=9)
+    fig.colorbar(shown, ax=depth_ax, fraction=0.046, pad=0.04)
+    for ax in axes[:-1]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    curve = axes[-1]
+    curve.plot(range(depth + 1), trace.tokens[index].cpu().numpy(), marker="o", markersize=3)
+    curve.set_xlabel("block", fontsize=8)
+    curve.set_ylabel("tokens", fontsize=8)
+    curve.set_ylim(bottom=0)
+    curve.tick_params(labelsize=7)
+    curve.set_title("tokens per block", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def save_figures(student: torch.nn.Module, images: Tensor, out_dir: Path, names: Sequence[str],
+                 mean: Sequence[float], std: Sequence[float], layers: Optional[Sequence[int]] = None,
+                 title: str = "", dpi: int = 100) -> list[Path]:
+    """Run the student on `images` with the trace on and write one PNG per image."""
+    was_training = student.training
+    with torch.no_grad():
+        _, trace = student.eval()(images, trace=True)
+    student.train(was_training)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, name in enumerate(names):
+        fig = token_map_figure(to_rgb(images[index], mean, std), trace, index, layers, title, dpi)
+        path = out_dir / f"{name}.png"
+        fig.savefig(path)
+        paths.append(path)
+    return paths
+
+
+class TokenMapCallback(Callback):
+    """Token maps of fixed validation images after validation: PNGs in `<run>/token_maps/`, and W&B images
+    keyed `token_maps/image_<i>` at the global step (so the dashboard slider shows them evolve).
+
+    num_images: how many images, chosen by `seed` among the first validation batch (the same every time).
+    layers: blocks to draw (default: a quarter, half, three quarters of the depth, and the output).
+    every_n_epochs: during fit (0: only at the last epoch); validate runs always draw.
+    """
+
+    def __init__(self, num_images: int = 4, layers: Optional[list[int]] = None, every_n_epochs: int = 1,
+                 seed: int = 0, dpi: int = 100) -> None:
+        self.num_images = num_images
+        self.layers = layers
+        self.every_n_epochs = every_n_epochs
+        self.seed = seed
+        self.dpi = dpi
+        self.images: Optional[Tensor] = None
+        self.paths: list[Path] = []
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.images is None and batch_idx == 0 and dataloader_idx == 0:
+            images = batch[0]
+            generator = torch.Generator().manual_seed(self.seed)
+            pick = torch.randperm(images.shape[0], generator=generator)[: self.num_images]
+            self.images = images[pick.to(images.device)].detach().clone()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.images is None or not trainer.is_global_zero:
+            return
+        if trainer.state.fn == "fit":
+            last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
+            periodic = self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+            if not (periodic or last):
+                return
+        datamodule = trainer.datamodule
+        mean = getattr(datamodule, "mean", (0.5, 0.5, 0.5))
+        std = getattr(datamodule, "std", (0.5, 0.5, 0.5))
+        out_dir = Path(trainer.default_root_dir) / "token_maps"
+        names = [f"epoch{trainer.current_epoch:03d}_image{i}" for i in range(self.images.shape[0])]
+        title = f"{type(pl_module).__name__.removesuffix('Module')} - epoch {trainer.current_epoch}"
+        self.paths = save_figures(pl_module.student, self.images, out_dir, names, mean, std, self.layers, title,
+                                  self.dpi)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # W&B
+                for i, path in enumerate(self.paths):
+                    logger.log_image(key=f"token_maps/image_{i}", images=[str(path)], step=trainer.global_step)

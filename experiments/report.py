@@ -1,0 +1,118 @@
+"""`leanvit report RUN_DIR... [out=DIR]`: accuracy against throughput and against GMACs, one marker per run,
+and a Markdown table, the way the token-reduction papers report results. Reads only run directories
+(config.yaml, logs/*/metrics.csv, results_*.json)."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+SETTING_KEYS = {"tome": ("r",), "evit": ("keep_rate",), "dynamicvit": ("keep_rate",),
+                "avit": ("gate_scale", "gate_center")}
+
+
+@dataclass
+class RunSummary:
+    run: str
+    method: str
+    backbone: str
+    setting: str
+    acc1: Optional[float]
+    images_per_sec: Optional[float]
+    dense_images_per_sec: Optional[float]
+    gmacs: Optional[float]
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.setting}".strip()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    for path in sorted(run_dir.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def last(rows: list[dict[str, str]], key: str) -> Optional[float]:
+    values = [float(r[key]) for r in rows if r.get(key)]
+    return values[-1] if values else None
+
+
+def method_default(method: str, key: str) -> Any:
+    """A method's constructor default, for settings a run's config left implicit."""
+    from experiments.config import signature_params
+    from lightning_modules import METHODS
+
+    return signature_params(METHODS[method])[key].default
+
+
+def summarise_run(run_dir: Path) -> RunSummary:
+    """Final validation accuracy (else test), the last throughput and MACs a run logged."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"report: {run_dir} is not a run directory (no config.yaml)")
+    config = yaml.safe_load(config_path.read_text()) or {}
+    model = config.get("model") or {}
+    method = str(config.get("method", "?"))
+    setting = " ".join(f"{k}={model.get(k, method_default(method, k))}" for k in SETTING_KEYS.get(method, ()))
+    rows = read_metrics(run_dir)
+    results: dict[str, Any] = {}
+    for name in ("results_test.json", "results_validate.json", "results_fit.json"):
+        if (run_dir / name).is_file():
+            results = {**json.loads((run_dir / name).read_text()), **results}
+    acc1 = results.get("val/acc1", results.get("test/acc1", last(rows, "val/acc1")))
+    return RunSummary(
+        run=str(run_dir), method=method, backbone=str(model.get("backbone", "?")), setting=setting, acc1=acc1,
+        images_per_sec=results.get("throughput/images_per_sec", last(rows, "throughput/images_per_sec")),
+        dense_images_per_sec=results.get("throughput/dense_images_per_sec",
+                                         last(rows, "throughput/dense_images_per_sec")),
+        gmacs=results.get("flops/gmacs", last(rows, "flops/gmacs")),
+    )
+
+
+def _plot(runs: list[RunSummary], x_attr: str, xlabel: str, path: Path) -> None:
+    fig = Figure(figsize=(5.5, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for run in runs:
+        x, y = getattr(run, x_attr), run.acc1
+        if x is None or y is None:
+            continue
+        dense = run.method == "dense"
+        ax.scatter([x], [y], marker="*" if dense else "o", s=160 if dense else 45,
+                   color="black" if dense else None, zorder=3, label=run.label)
+        ax.annotate(run.label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8,
+                    fontweight="bold" if dense else "normal")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
+    """Both plots and a Markdown table for the given runs; returns the files written."""
+    runs = [summarise_run(Path(d)) for d in run_dirs]
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "accuracy_vs_throughput.png", out / "accuracy_vs_gmacs.png", out / "report.md"]
+    _plot(runs, "images_per_sec", "throughput (images / s, measured beside the dense model)", written[0])
+    _plot(runs, "gmacs", "GMACs per image", written[1])
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    lines = ["| run | method | setting | backbone | top-1 (%) | img/s | speed-up vs dense | GMACs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (r.method != "dense", -(r.acc1 or 0))):
+        speedup = None if r.images_per_sec is None or not r.dense_images_per_sec else r.images_per_sec / r.dense_images_per_sec
+        lines.append(f"| {r.run} | {'**dense**' if r.method == 'dense' else r.method} | {r.setting or '-'} | "
+                     f"{r.backbone} | {fmt(r.acc1, '.2f')} | {fmt(r.images_per_sec, '.1f')} | "
+                     f"{'-' if speedup is None else f'x{speedup:.2f}'} | {fmt(r.gmacs, '.3f')} |")
+    written[2].write_text("# leanvit report\n\n" + "\n".join(lines) + "\n\n![accuracy vs throughput]"
+                          "(accuracy_vs_throughput.png)\n![accuracy vs GMACs](accuracy_vs_gmacs.png)\n")
+    return written

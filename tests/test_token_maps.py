@@ -1,0 +1,101 @@
+"""Token maps from the trace (one renderer for every method), the callback in W&B and the run directory,
+`leanvit visualize` and `leanvit report`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from callbacks.token_maps import GREY, save_figures, token_map, token_map_figure
+from conftest import FAST, QUICKSTART, leanvit
+from datamodules import export_image_folder
+from lightning_modules import METHODS
+
+METHOD_SETTINGS = {
+    "dense": {}, "tome": {"r": 6}, "evit": {"keep_rate": 0.5, "reduction_layers": [1, 3]},
+    "dynamicvit": {"keep_rate": 0.6, "reduction_layers": [1, 3, 4]}, "avit": {"gate_center": 3.0},
+}
+
+
+def test_token_map_pixels_by_hand() -> None:
+    rgb = np.full((8, 8, 3), 0.2)
+    rgb[:4, 4:] = 0.8  # patch 1 (top right) is bright
+    owner = np.array([1, 2, 2, -1])  # 2x2 grid of 4 px patches: patch 0 alone, 1 and 2 merged, 3 pruned
+    out = token_map(rgb, owner, (2, 2))
+    np.testing.assert_allclose(out[1, 1], rgb[1, 1])  # a patch with its own token shows the image
+    np.testing.assert_allclose(out[6, 6], 0.35 * 0.2 + 0.65 * GREY)  # pruned: greyed
+    np.testing.assert_allclose(out[2, 6], (0.8 + 0.2) / 2)  # merged: the group's mean colour
+    assert (out[:, 4] == 1.0).any() or (out[4, :] == 1.0).any()  # a white border around the group
+
+
+@pytest.mark.parametrize("method", list(METHOD_SETTINGS))
+def test_figure_for_each_method(method: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = METHODS[method](backbone="vit_micro_patch4_32", num_classes=10, **METHOD_SETTINGS[method]).eval()
+    images = torch.randn(2, 3, 32, 32)  # the trace comes from these; the map is drawn over a white image
+    with torch.no_grad():
+        _, trace = module.student(images, trace=True)
+    layers = [2, 6]
+    fig = token_map_figure(np.ones((32, 32, 3)), trace, 0, layers, dpi=50)
+    path = tmp_path / "fig.png"
+    fig.savefig(path)
+    png = np.asarray(Image.open(path).convert("RGB")).astype(float) / 255
+    panels = 1 + len(layers) + 2
+    assert png.shape[:2] == (int(2.8 * 50), int(2.4 * panels * 50))
+    owner = trace.owner[2][0].numpy()
+    ax = fig.axes[1]  # the map entering block 2
+
+    def pixel(patch: int) -> np.ndarray:
+        row, col = divmod(patch, 8)
+        x, y = ax.transData.transform(((col + 0.5) * 4 - 0.5, (row + 0.5) * 4 - 0.5))
+        return png[png.shape[0] - int(round(y)), int(round(x))]
+
+    pruned = [i for i in range(64) if owner[i] < 0]
+    alone = [i for i in range(64) if owner[i] >= 0 and (owner == owner[i]).sum() == 1]
+    if method in ("dynamicvit", "avit"):
+        assert pruned and alone
+        assert np.abs(pixel(pruned[0]) - pixel(alone[0])).max() > 0.2  # greyed vs white
+    if method == "dense":
+        assert not pruned and len(alone) == 64
+    paths = save_figures(module.student, images, tmp_path / "maps", ["a", "b"], (0.5,) * 3, (0.5,) * 3, dpi=40)
+    assert [p.name for p in paths] == ["a.png", "b.png"] and all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_callback_writes_pngs_and_wandb_images(in_tmp: Path) -> None:
+    assert leanvit("fit", QUICKSTART, *FAST, "method=tome", "model.r=4", "trainer.max_epochs=2",
+                   "trainer.limit_train_batches=2", "logger.wandb.enabled=true",
+                   "callbacks.token_maps={num_images: 2, every_n_epochs: 1, dpi: 40}") == 0
+    run = in_tmp / "runs" / "digits" / "dense" / "version_0"
+    pngs = sorted(p.name for p in (run / "token_maps").glob("*.png"))
+    assert pngs == ["epoch000_image0.png", "epoch000_image1.png", "epoch001_image0.png", "epoch001_image1.png"]
+    logged = list(run.glob("wandb/offline-run-*/files/media/images/**/*.png"))
+    assert len(logged) == 4
+
+
+def test_visualize_any_images(in_tmp: Path) -> None:
+    tree = export_image_folder(in_tmp / "digits")
+    assert leanvit("visualize", QUICKSTART, *FAST, "method=evit", "model.reduction_layers=[0]",
+                   f"images={tree}/val/3/*.png", "out=maps", "layers=[1,2]") == 0
+    written = list((in_tmp / "maps").glob("*.png"))
+    assert len(written) == len(list((tree / "val" / "3").glob("*.png"))) > 10
+    assert leanvit("visualize", QUICKSTART, "images=nothing/*.png") == 2
+
+
+def test_report_on_two_runs(in_tmp: Path) -> None:
+    throughput = "callbacks.throughput={batch_size: 8, warmup: 1, repeats: 2}"
+    for method, extra in (("dense", []), ("evit", ["model.reduction_layers=[0]"])):
+        assert leanvit("fit", QUICKSTART, *FAST, f"method={method}", *extra, "trainer.max_epochs=1",
+                       "trainer.limit_train_batches=4", throughput, f"experiment=report_{method}") == 0
+    runs = [str(in_tmp / "runs" / f"report_{m}" / "version_0") for m in ("dense", "evit")]
+    assert leanvit("report", *runs, "out=summary") == 0
+    out = in_tmp / "summary"
+    for name in ("accuracy_vs_throughput.png", "accuracy_vs_gmacs.png"):
+        assert Image.open(out / name).size[0] > 300
+    table = (out / "report.md").read_text()
+    assert all(run in table for run in runs) and "**dense**" in table and "keep_rate=0.7" in table
+    evit_row = next(line for line in table.splitlines() if "report_evit" in line)
+    assert "| x" in evit_row  # a speed-up measured beside the dense model
+    assert leanvit("report", str(in_tmp)) == 2  # not a run directory
