@@ -147,6 +147,13 @@ def measure(module: nn.Module, images: Tensor, dense: DenseBaseline, *, precisio
                 peak_memory_mb=timing.peak_memory_mb, device=device_name(images.device))
 
 
+def due_after_validation(trainer: pl.Trainer, every_n_epochs: int, at_fit_end: bool = True) -> bool:
+    """During fit: after every n-th epoch's validation (0: none) and, with at_fit_end, after the last."""
+    last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
+    periodic = every_n_epochs > 0 and (trainer.current_epoch + 1) % every_n_epochs == 0
+    return periodic or (last and at_fit_end)
+
+
 class ThroughputCallback(Callback):
     """Measure img/s, speed-up over the dense backbone and MACs after validation, on global rank 0.
 
@@ -192,9 +199,7 @@ class ThroughputCallback(Callback):
         if trainer.sanity_checking:
             return
         if trainer.state.fn == "fit":
-            last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
-            periodic = self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-            if periodic or (last and self.at_fit_end):
+            if due_after_validation(trainer, self.every_n_epochs, self.at_fit_end):
                 self.run(trainer, pl_module)
         elif self.at_validate_end:
             self.run(trainer, pl_module)

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
+from callbacks.throughput import due_after_validation
 from lightning_modules.trace import TokenTrace
 
 GREY = np.array([0.55, 0.55, 0.55])
@@ -156,11 +157,8 @@ class TokenMapCallback(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.images is None or not trainer.is_global_zero:
             return
-        if trainer.state.fn == "fit":
-            last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
-            periodic = self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-            if not (periodic or last):
-                return
+        if trainer.state.fn == "fit" and not due_after_validation(trainer, self.every_n_epochs):
+            return
         datamodule = trainer.datamodule
         mean = getattr(datamodule, "mean", (0.5, 0.5, 0.5))
         std = getattr(datamodule, "std", (0.5, 0.5, 0.5))

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from callbacks.throughput import ROW_KEYS, dense_baseline, device_name, measure, set_fused_attention, time_model
+from callbacks.throughput import ROW_KEYS, dense_baseline, measure, set_fused_attention, time_model
 
 # Top-level keys `leanvit benchmark` accepts besides an experiment's own.
 BENCHMARK_KEYS: dict[str, Any] = {

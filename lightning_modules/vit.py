@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import pathlib
-from functools import partial
 from typing import Any, Callable, Optional
 
 import timm
@@ -162,11 +161,6 @@ class ViTStudent(nn.Module):
     def extra_checkpoint_keys(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Map a method's own keys in an official checkpoint (not timm keys) onto this student; none here."""
         return {}
-
-
-def with_block(block_cls: type[nn.Module], **block_kwargs: Any) -> Callable[..., nn.Module]:
-    """`block_fn` for `timm.create_model`: timm passes each block its index as `depth`."""
-    return partial(block_cls, **block_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- weights

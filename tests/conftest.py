@@ -55,3 +55,16 @@ def micro_vit(**kwargs: Any) -> torch.nn.Module:
     """A random micro ViT (32 px, patch 4, width 64) in eval mode."""
     torch.manual_seed(0)
     return timm.create_model("vit_micro_patch4_32", num_classes=10, **kwargs).eval()
+
+
+def assert_fused_matches_explicit(student: torch.nn.Module, images: torch.Tensor) -> None:
+    """timm's fused SDPA and explicit attention paths give the same logits and the same token trace."""
+    outputs = []
+    for fused in (True, False):
+        for block in student.vit.blocks:
+            block.attn.fused_attn = fused
+        with torch.no_grad():
+            outputs.append(student(images, trace=True))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(outputs[0][1].owner, outputs[1][1].owner):
+        assert torch.equal(a, b)

@@ -11,7 +11,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from conftest import FAST, QUICKSTART, leanvit, micro_vit
+from conftest import FAST, QUICKSTART, leanvit
 from lightning_modules import METHODS
 from lightning_modules.dynamicvit import (PredictorLG, keep_ratios, kept_token_mse, policy_softmax,
                                           pruning_ratio_loss)

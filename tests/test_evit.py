@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from conftest import FAST, QUICKSTART, leanvit, micro_vit
+from conftest import FAST, QUICKSTART, assert_fused_matches_explicit, leanvit, micro_vit
 from lightning_modules import METHODS
 from lightning_modules.evit import EViTAttention, EViTBlock, EViTStudent, class_attention, keep_attentive, kept_tokens
 from test_dense import VARIANTS
@@ -84,16 +84,7 @@ def test_backbone_without_class_token_is_refused() -> None:
 @pytest.mark.parametrize("variant", ["plain", "qk_norm", "registers"])
 def test_fused_and_explicit_attention_agree(variant: str) -> None:
     student = evit_student(micro_vit(**VARIANTS[variant]), 0.6, **VARIANTS[variant])
-    images = torch.randn(3, 3, 32, 32)
-    outputs = []
-    for fused in (True, False):
-        for block in student.vit.blocks:
-            block.attn.fused_attn = fused
-        with torch.no_grad():
-            outputs.append(student(images, trace=True))
-    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-4, atol=1e-5)
-    for a, b in zip(outputs[0][1].owner, outputs[1][1].owner):
-        assert torch.equal(a, b)
+    assert_fused_matches_explicit(student, torch.randn(3, 3, 32, 32))
 
 
 def slow_evit_reference(vit: torch.nn.Module, images: torch.Tensor, keep_rate: float, layers: tuple[int, ...]) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from conftest import FAST, QUICKSTART, leanvit, micro_vit
+from conftest import FAST, QUICKSTART, assert_fused_matches_explicit, leanvit, micro_vit
 from lightning_modules import METHODS
 from lightning_modules.tome import ToMeAttention, ToMeBlock, ToMeStudent, bipartite_soft_matching, merge_wavg, parse_r
 from test_dense import VARIANTS
@@ -128,16 +128,7 @@ def test_r0_equals_dense_distilled_deit() -> None:
 def test_fused_and_explicit_attention_agree(variant: str) -> None:
     vit = micro_vit(**VARIANTS[variant])
     student = tome_student(vit, 6, **VARIANTS[variant])
-    images = torch.randn(3, 3, 32, 32)
-    outputs = []
-    for fused in (True, False):
-        for block in student.vit.blocks:
-            block.attn.fused_attn = fused
-        with torch.no_grad():
-            outputs.append(student(images, trace=True))
-    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-4, atol=1e-5)
-    for a, b in zip(outputs[0][1].owner, outputs[1][1].owner):
-        assert torch.equal(a, b)
+    assert_fused_matches_explicit(student, torch.randn(3, 3, 32, 32))
 
 
 def slow_tome_reference(vit: torch.nn.Module, images: torch.Tensor, r: int, prop_attn: bool) -> torch.Tensor:
@@ -191,7 +182,6 @@ def test_trace_owners_match_token_sizes() -> None:
     vit = micro_vit()
     student = tome_student(vit, 7)
     with torch.no_grad():
-        x = student.embed(torch.randn(2, 3, 32, 32))
         _, trace = student(torch.randn(2, 3, 32, 32), trace=True)
     for layer, owner in enumerate(trace.owner):
         for b in range(2):
