@@ -85,7 +85,8 @@ class PackedLayout:
     image: Tensor  # (T,) image of each token in the original batch
     position: Tensor  # (T,) position of each token in its image's original sequence
     row: Tensor  # (T,) row in the padded batch
-    rank: Tensor  # (T,) position within its row
+    rank: Tensor  # (T,) position within its row (= within its image's active tokens)
+    counts: Tensor  # (B,) active tokens of every image of the batch, 0 once finished
     lengths: Tensor  # (B',) active tokens per running image
     uniform: bool  # every running image has all its tokens at the same count: no padding at all
 
@@ -98,7 +99,7 @@ class PackedLayout:
         lengths = counts[running]
         rank = torch.arange(image.shape[0], device=image.device) - starts[image]
         uniform = bool((lengths == lengths.max()).all()) if lengths.numel() else True
-        return cls(image, position, row_of_image[image], rank, lengths, uniform)
+        return cls(image, position, row_of_image[image], rank, counts, lengths, uniform)
 
 
 class AViTAttention(Attention):
@@ -236,9 +237,9 @@ class AViTStudent(ViTStudent):
         output = torch.zeros_like(x)
         depth = len(self.vit.blocks)
         for layer, block in enumerate(self.vit.blocks):
-            if recorder is not None:
-                self._record(recorder, image, position, B, N)
             layout = PackedLayout.build(image, position, B)
+            if recorder is not None:
+                self._record(recorder, layout, B, N)
             tokens = block.forward_packed(tokens, layout)
             h = halting_score(tokens, self.gate_scale, self.gate_center)
             if layer == depth - 1:
@@ -250,27 +251,24 @@ class AViTStudent(ViTStudent):
                 alive = torch.zeros(B, dtype=torch.bool, device=device)
                 alive[image[keep & (position < head)]] = True
                 keep = keep & alive[image]
-            if not bool(keep.any()):
-                image, position = image[keep], position[keep]
-                break
             image, position, tokens, c, R = image[keep], position[keep], tokens[keep], step.c[keep], step.R[keep]
+            if image.numel() == 0:
+                break
         if recorder is not None:
+            finished = PackedLayout.build(image, position, B)
             for _ in range(len(recorder.counts), depth):  # images all finished early: nothing runs any more
-                self._record(recorder, image, position, B, N)
-            self._relocate(recorder, image, position, B, N)
+                self._record(recorder, finished, B, N)
+            self._record(recorder, finished, B, N, block=False)
         return output
 
-    def _relocate(self, recorder: TraceRecorder, image: Tensor, position: Tensor, B: int, N: int) -> None:
-        """Set the recorder's owner map to the packed positions of the given active tokens."""
-        where = torch.full((B, N), -1, dtype=torch.long, device=image.device)
-        starts = torch.cumsum(torch.bincount(image, minlength=B), 0) - torch.bincount(image, minlength=B)
-        where[image, position] = torch.arange(image.shape[0], device=image.device) - starts[image]
-        prefix = recorder.num_prefix_tokens
-        recorder.owner = where[:, prefix:]
-
-    def _record(self, recorder: TraceRecorder, image: Tensor, position: Tensor, B: int, N: int) -> None:
-        self._relocate(recorder, image, position, B, N)
-        recorder.block(torch.bincount(image, minlength=B))
+    @staticmethod
+    def _record(recorder: TraceRecorder, layout: PackedLayout, B: int, N: int, block: bool = True) -> None:
+        """Point the owner map at the packed positions of the active tokens (and record a block's counts)."""
+        where = torch.full((B, N), -1, dtype=torch.long, device=layout.image.device)
+        where[layout.image, layout.position] = layout.rank
+        recorder.owner = where[:, recorder.num_prefix_tokens:]
+        if block:
+            recorder.block(layout.counts)
 
     # -------------------------------------------------------------------------------------- student API
     def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder]) -> tuple[Tensor, None]:

@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from lightning_modules.base import ReductionModule
-from lightning_modules.trace import TokenTrace, TraceRecorder
+from lightning_modules.trace import TokenTrace, TraceRecorder, kept_dest
 from lightning_modules.vit import ViTStudent
 
 
@@ -147,10 +147,7 @@ class DynamicViTStudent(ViTStudent):
                 x = torch.cat([x[:, :prefix], x[:, prefix:].gather(1, idx[..., None].expand(-1, -1, x.shape[2]))], 1)
                 mask = mask.gather(1, idx[..., None])
                 if recorder is not None:
-                    dest = torch.full((x.shape[0], prefix + score.shape[1]), -1, dtype=torch.long, device=x.device)
-                    dest[:, :prefix] = torch.arange(prefix, device=x.device)
-                    dest.scatter_(1, idx + prefix, torch.arange(prefix, prefix + keep, device=x.device).expand_as(idx))
-                    recorder.remap(dest)
+                    recorder.remap(kept_dest(idx, prefix + score.shape[1], prefix))
             if recorder is not None:
                 recorder.block(x.shape[1])
             x = self.run_block(block, x)

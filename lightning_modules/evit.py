@@ -20,7 +20,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor
 
 from lightning_modules.base import ReductionModule
-from lightning_modules.trace import TokenTrace, TraceRecorder
+from lightning_modules.trace import TokenTrace, TraceRecorder, kept_dest
 from lightning_modules.vit import ViTStudent
 
 
@@ -44,7 +44,7 @@ def keep_attentive(x: Tensor, cls_attn: Tensor, keep_rate: float, num_prefix: in
     The k = ceil(keep_rate * (N - num_prefix)) non-prefix tokens with the highest class attention are
     kept in descending order; with `fuse_token` the others become one token, `sum_i a_i x_i`, appended last.
     """
-    batch, n, c = x.shape
+    _, n, c = x.shape
     rest = n - num_prefix
     k = kept_tokens(n, keep_rate, num_prefix)
     if k >= rest:
@@ -57,11 +57,7 @@ def keep_attentive(x: Tensor, cls_attn: Tensor, keep_rate: float, num_prefix: in
         weights = scores.scatter(1, idx, 0.0)  # attention of the tokens not kept; kept ones weigh 0
         parts.append(torch.bmm(weights[:, None, :].to(tokens.dtype), tokens))  # (B, 1, C)
     new_x = torch.cat(parts, dim=1)
-    dest = torch.full((batch, n), num_prefix + k if fuse_token else -1, dtype=torch.long, device=x.device)
-    dest[:, :num_prefix] = torch.arange(num_prefix, device=x.device)
-    ranks = torch.arange(num_prefix, num_prefix + k, device=x.device).expand(batch, -1)
-    dest.scatter_(1, idx + num_prefix, ranks)
-    return new_x, dest
+    return new_x, kept_dest(idx, n, num_prefix, rest=num_prefix + k if fuse_token else -1)
 
 
 # ------------------------------------------------------------------------------------------------ layers

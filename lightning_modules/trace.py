@@ -48,6 +48,17 @@ def remap_owner(owner: Tensor, dest: Tensor) -> Tensor:
     return moved.masked_fill(owner < 0, -1)
 
 
+def kept_dest(idx: Tensor, num_tokens: int, num_prefix: int, rest: int = -1) -> Tensor:
+    """The token map of a gather that keeps the prefix tokens, then the non-prefix tokens `idx (B, k)` in that
+    order: prefix -> its place, kept -> `num_prefix + rank`, every other token -> `rest` (-1: dropped,
+    or the position of a token they were fused into) -> (B, N)."""
+    batch, k = idx.shape
+    dest = torch.full((batch, num_tokens), rest, dtype=torch.long, device=idx.device)
+    dest[:, :num_prefix] = torch.arange(num_prefix, device=idx.device)
+    ranks = torch.arange(num_prefix, num_prefix + k, device=idx.device).expand(batch, -1)
+    return dest.scatter_(1, idx + num_prefix, ranks)
+
+
 @dataclass
 class TraceRecorder:
     """Builds a `TokenTrace` inside one forward pass (created there, never shared between calls)."""
