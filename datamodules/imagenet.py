@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from datamodules.sampling import EpochSampler, SeededSamples
+from datamodules.sampling import EpochSampler, EvalSampler, SeededSamples
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +165,17 @@ class ImageDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
-        return self._loader(self.datasets["val"], self.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.datasets["val"])
 
     def test_dataloader(self) -> DataLoader:
         self.setup("test")
-        return self._loader(self.datasets["test"], self.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.datasets["test"])
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        """In order; split across DDP ranks without padding, so every image counts once."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return self._loader(dataset, self.eval_batch_size, sampler=EvalSampler(dataset, num_replicas=world, rank=rank))
 
 
 class ImageNetDataModule(ImageDataModule):

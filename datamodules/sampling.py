@@ -1,18 +1,22 @@
 """Sampling that makes a resumed run exact, with any number of loader workers.
 
-Every random draw of the input pipeline is a function of `(seed, epoch, sample index)`: the sampler
-yields `(epoch, index)` pairs and the dataset reseeds the RNGs before transforming a sample. Worker
-processes, persistent or not, and restarts therefore do not change what a sample looks like.
+Every random draw of the input pipeline is a function of `(seed, epoch, sample index, copy)`: the sampler
+yields `(epoch, index, copy)` keys and the dataset reseeds the RNGs before transforming a sample. Worker
+processes, persistent or not, and restarts therefore do not change what a sample looks like. `copy`
+numbers the appearances of one image in an epoch (DeiT's repeated augmentation shows each image several
+times, and a padded epoch repeats a few): each copy is its own augmentation.
 """
 from __future__ import annotations
 
+import math
 import random
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import Dataset, DistributedSampler
+
+SampleKey = tuple[int, int, int]  # (epoch, index, copy)
 
 
 def derive_seed(*keys: int) -> int:
@@ -27,36 +31,82 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-class EpochSampler(DistributedSampler):
-    """A DistributedSampler (so Lightning leaves it in place) yielding `(epoch, index)`.
+def epoch_order(num_items: int, *, seed: int, epoch: int, num_replicas: int, rank: int,
+                repeats: int = 1) -> list[tuple[int, int]]:
+    """One rank's `(index, copy)` sequence for an epoch: a pure function of its arguments.
 
-    `repeats > 1` turns on DeiT's repeated augmentation (timm's RepeatAugSampler): each image appears
-    `repeats` times per epoch on different ranks, and an epoch keeps the usual number of samples.
+    The global order is a permutation seeded by `seed + epoch` (as torch's DistributedSampler), each index
+    repeated `repeats` times in a row (DeiT's RASampler: consecutive copies land on different ranks), padded
+    by wrapping around to a multiple of `num_replicas`; rank r takes positions r, r + R, ... With repeats,
+    an epoch keeps DeiT's length, `floor(N // 256 * 256 / R)` per rank (all of them below 256 images).
+    A copy number is unique per index within an epoch (wrapped padding continues the count).
+    """
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    perm = torch.randperm(num_items, generator=g).tolist()
+    repeats = max(1, repeats)
+    n = num_items * repeats  # the repeated sequence: perm[p // repeats], copy p % repeats
+    per_rank = epoch_length(num_items, num_replicas, repeats)
+    positions = range(rank, per_rank * num_replicas, num_replicas)[:per_rank]
+    # position p -> index perm[(p % n) // repeats]; wrapped padding (p >= n) counts on as copies repeats, ...
+    return [(perm[(p % n) // repeats], (p % n) % repeats + repeats * (p // n)) for p in positions]
+
+
+def epoch_length(num_items: int, num_replicas: int, repeats: int = 1) -> int:
+    """Samples per rank and epoch (see `epoch_order`)."""
+    per_rank = math.ceil(num_items * max(1, repeats) / num_replicas)
+    if repeats > 1:  # DeiT's RASampler keeps the epoch length of one pass, rounded down to 256 images
+        selected = num_items // 256 * 256 // num_replicas if num_items >= 256 else math.ceil(num_items / num_replicas)
+        per_rank = min(per_rank, selected)
+    return per_rank
+
+
+class EpochSampler(DistributedSampler):
+    """A DistributedSampler (so Lightning leaves it in place and calls `set_epoch`) yielding
+    `(epoch, index, copy)` keys in the order of `epoch_order`.
+
+    `repeats > 1` is DeiT's repeated augmentation: each image appears `repeats` times per epoch, the copies on
+    different ranks (consecutive on one device), each with its own augmentation; an epoch keeps the usual
+    number of samples.
     """
 
     def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0,
                  repeats: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.repeated: Optional[RepeatAugSampler] = None
-        if repeats > 1:
-            self.repeated = RepeatAugSampler(dataset, num_replicas=num_replicas, rank=rank, num_repeats=repeats)
+        self.repeats = max(1, repeats)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        if self.repeated is not None:
-            self.repeated.set_epoch(self.seed + self.epoch)
-            indices = iter(self.repeated)
-        else:
-            indices = super().__iter__()
+    def order(self) -> list[tuple[int, int]]:
+        return epoch_order(len(self.dataset), seed=self.seed, epoch=self.epoch,  # type: ignore[arg-type]
+                           num_replicas=self.num_replicas, rank=self.rank, repeats=self.repeats)
+
+    def __iter__(self) -> Iterator[SampleKey]:  # type: ignore[override]
         epoch = self.epoch
-        return ((epoch, int(i)) for i in indices)
+        return ((epoch, index, copy) for index, copy in self.order())
 
     def __len__(self) -> int:
-        return len(self.repeated) if self.repeated is not None else super().__len__()
+        return epoch_length(len(self.dataset), self.num_replicas, self.repeats)  # type: ignore[arg-type]
+
+
+class EvalSampler(DistributedSampler):
+    """Evaluation split across ranks without padding: rank r reads indices r, r + R, ... in order.
+
+    torch's DistributedSampler pads every rank to the same length, so with a data set that the world size
+    does not divide some images are counted twice; here every image is counted exactly once and metrics
+    gathered over the ranks equal a single-process evaluation."""
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))  # type: ignore[arg-type]
 
 
 class SeededSamples(Dataset):
-    """Wraps a map-style dataset: `ds[(epoch, i)]` reseeds the RNGs from `(seed, epoch, i)`, then returns `base[i]`.
-    A plain integer key (evaluation) is passed through."""
+    """Wraps a map-style dataset: `ds[(epoch, i, copy)]` reseeds the RNGs from `(seed, epoch, i, copy)`, then
+    returns `base[i]`. A plain integer key (evaluation) is passed through."""
 
     def __init__(self, base: Dataset, seed: int) -> None:
         self.base = base
@@ -65,9 +115,9 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+    def __getitem__(self, key: int | SampleKey) -> Any:
         if isinstance(key, tuple):
-            epoch, index = key
-            seed_all(derive_seed(self.seed, epoch, index))
+            epoch, index, copy = key
+            seed_all(derive_seed(self.seed, epoch, index, copy))
             return self.base[index]
         return self.base[key]

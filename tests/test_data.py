@@ -117,15 +117,58 @@ def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path: Path, tree: 
 def test_epoch_sampler_shards_and_reshuffles() -> None:
     data = list(range(10))
     ranks = [list(EpochSampler(data, num_replicas=2, rank=r, seed=3)) for r in (0, 1)]
-    assert all(epoch == 0 for part in ranks for epoch, _ in part)
-    assert sorted(i for part in ranks for _, i in part) == data  # the ranks split the data set
+    assert all(epoch == 0 and copy == 0 for part in ranks for epoch, _, copy in part)
+    assert sorted(i for part in ranks for _, i, _ in part) == data  # the ranks split the data set
     sampler = EpochSampler(data, seed=3)
-    first = [i for _, i in sampler]
+    first = [i for _, i, _ in sampler]
     sampler.set_epoch(1)
     second = list(sampler)
-    assert {e for e, _ in second} == {1} and [i for _, i in second] != first
+    assert {e for e, _, _ in second} == {1} and [i for _, i, _ in second] != first
     repeated = EpochSampler(list(range(512)), num_replicas=2, rank=0, seed=0, repeats=3)
     assert len(list(repeated)) == len(repeated) == 256
+
+
+def deit_ra_reference(n: int, epoch: int, num_replicas: int, rank: int, repeats: int = 3) -> list[int]:
+    """DeiT's RASampler, written out from facebookresearch/deit samplers.py (indices only)."""
+    import math
+
+    g = torch.Generator()
+    g.manual_seed(epoch)
+    indices = torch.repeat_interleave(torch.randperm(n, generator=g), repeats=repeats).tolist()
+    num_samples = math.ceil(n * repeats / num_replicas)
+    indices += indices[:num_samples * num_replicas - len(indices)]
+    selected = int(math.floor(n // 256 * 256 / num_replicas))
+    return indices[rank:num_samples * num_replicas:num_replicas][:selected]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_repeated_augmentation_order_is_deits_and_every_copy_is_distinct(world: int) -> None:
+    n = 700
+    keys = [list(EpochSampler(list(range(n)), num_replicas=world, rank=r, seed=0, repeats=3)) for r in range(world)]
+    for rank, part in enumerate(keys):  # the images each rank sees are DeiT's RASampler's (seed 0 + epoch 0)
+        assert [i for _, i, _ in part] == deit_ra_reference(n, 0, world, rank)
+    everything = [(i, c) for part in keys for _, i, c in part]
+    assert len(everything) == len(set(everything))  # no (image, copy) appears twice, on any rank
+
+
+def test_repeated_augmentation_gives_each_copy_its_own_view() -> None:
+    """The bug: every copy of an image was reseeded alike, so a repeated-augmentation batch held 3 identical views."""
+    dm = EmbeddedDataModule(batch_size=48, repeated_aug=3, scale=(0.3, 1.0), auto_augment="rand-m9-mstd0.5-inc1",
+                            re_prob=0.25)
+    images, labels = next(iter(dm.train_dataloader()))
+    keys = list(dm.train_dataloader().sampler)[:48]
+    flat = images.flatten(1)
+    assert len({tuple(row.tolist()) for row in flat}) == 48  # no two images of the batch are identical
+    by_index: dict[int, list[int]] = {}
+    for position, (_, index, _) in enumerate(keys):
+        by_index.setdefault(index, []).append(position)
+    copies = [positions for positions in by_index.values() if len(positions) > 1]
+    assert copies and all(len(p) == 3 for p in copies)  # consecutive copies of one image on one device
+    for positions in copies:
+        assert len({int(labels[p]) for p in positions}) == 1  # ... share their label
+    # and a copy's view is still a pure function of (seed, epoch, index, copy): the same key, the same pixels
+    again = next(iter(dm.train_dataloader()))[0]
+    assert torch.equal(images, again)
 
 
 def test_augmentation_depends_on_epoch_and_index_not_on_workers() -> None:
