@@ -101,7 +101,7 @@ def benchmark_command(config: str, overrides: list[str]) -> int:
     cfg = load_checked(config, overrides, BENCHMARK_KEYS)
     cfg["model"] = dict(cfg.get("model") or {}, pretrained=False)  # speed needs no hub weights
     torch.manual_seed(cfg.get("seed", 0))
-    module, _ = build_objects(cfg, resuming=False)
+    module, _ = build_objects(cfg, resuming=False, command="benchmark")
     rows = benchmark_module(
         module, cfg["method"], list(cfg.get("batch_sizes") or [1, 32]), precision=str(cfg.get("precision") or "32"),
         compile=bool(cfg.get("compile")), warmup=int(cfg.get("warmup") or 3), repeats=int(cfg.get("repeats") or 10),
@@ -137,7 +137,7 @@ def run_grid(markdown: Path, warmup: int, repeats: int) -> list[dict[str, Any]]:
             cfg = load_checked(config, overrides, BENCHMARK_KEYS)
             cfg["model"] = dict(cfg["model"], pretrained=False)
             torch.manual_seed(0)
-            module, _ = build_objects(cfg, resuming=False)
+            module, _ = build_objects(cfg, resuming=False, command="benchmark")
             print(f"[grid] {config} {' '.join(overrides)}", file=sys.stderr, flush=True)
             rows += benchmark_module(module, cfg["method"], batch_sizes, precision=precision, warmup=warmup,
                                      repeats=repeats, avit_depth=cfg.get("avit_depth"))

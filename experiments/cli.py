@@ -159,18 +159,25 @@ def make_callbacks(cfg: dict[str, Any], run: Run, command: str) -> list[Any]:
     return callbacks
 
 
-def build_objects(cfg: dict[str, Any], resuming: bool) -> tuple[Any, Any]:
-    """The LightningModule and DataModule; construction errors (a missing file, a bad value) become one line."""
+def build_objects(cfg: dict[str, Any], resuming: bool, command: str) -> tuple[Any, Any]:
+    """The LightningModule and DataModule (and, for `fit`, the teacher); construction errors (a missing file,
+    a bad value, a teacher without weights) become one line before any work starts."""
     from datamodules import DATAMODULES
     from experiments.config import ConfigError
     from lightning_modules import METHODS
+    from lightning_modules.base import default_teacher_weights
 
     model_cfg = dict(cfg.get("model") or {})
     if resuming:  # the checkpoint restores every student weight; do not fetch or read them first
+        backbone = model_cfg.get("backbone", "deit_small_patch16_224")
+        model_cfg["teacher_weights"] = default_teacher_weights(  # ... but a teacher may still start from them
+            backbone, model_cfg.get("teacher"), model_cfg.get("weights"), model_cfg.get("teacher_weights"))
         model_cfg.update(pretrained=False, weights=None)
     try:
         module = METHODS[cfg["method"]](**model_cfg)
         datamodule = DATAMODULES[cfg.get("datamodule", "embedded")](**(cfg.get("data") or {}))
+        if command == "fit":
+            module.prepare_teacher()
     except (ValueError, FileNotFoundError, ImportError) as err:
         raise ConfigError(str(err).splitlines()[0]) from err
     except (OSError, RuntimeError) as err:
@@ -223,7 +230,7 @@ def run_trainer_command(command: str, config: str, overrides: list[str]) -> int:
     cfg = load_checked(config, overrides)
     run = prepare_run(cfg, command)
     pl.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
-    module, datamodule = build_objects(cfg, resuming=run.resume_ckpt is not None)
+    module, datamodule = build_objects(cfg, resuming=run.resume_ckpt is not None, command=command)
 
     from callbacks import AtomicCheckpointIO
 
@@ -307,7 +314,7 @@ def visualize_command(config: str, overrides: list[str]) -> int:
     paths = [p for p in paths if p.is_file()]
     if not paths:
         raise ConfigError(f"images: nothing matches {pattern!r}")
-    module, datamodule = build_objects(cfg, resuming=False)
+    module, datamodule = build_objects(cfg, resuming=False, command="visualize")
     transform = datamodule.eval_transform()
     try:
         images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])

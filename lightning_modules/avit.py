@@ -329,21 +329,21 @@ class AViTModule(ReductionModule):
 
     def loss_terms(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         logits, out = self.student.forward_halting(images)
-        logits = logits[0] if isinstance(logits, tuple) else logits
         if self.prior_mean_over == "batch":
             layer_means = torch.stack([h[1:].mean() for h in out.layer_scores])  # the official indexing
         else:
             prefix = self.student.num_prefix_tokens
             layer_means = torch.stack([h[:, prefix:].mean() for h in out.layer_scores])
-        return {
-            "cls": self.classification_loss(logits, targets),
+        # `cls` (+ `distill` with a DeiT teacher: the official A-ViT wraps its criterion in DeiT's
+        # DistillationLoss and adds the halting terms to it)
+        return self.classification_terms(logits, images, targets) | {
             "ponder": out.ponder.mean(),
             # the official code adds the prior only when it is positive
             "prior": F.relu(depth_prior_kl(layer_means, self.prior_target)),
         }
 
     def loss_weights(self) -> dict[str, float]:
-        return {"cls": 1.0, "ponder": self.ponder_weight, "prior": self.prior_weight}
+        return super().loss_weights() | {"ponder": self.ponder_weight, "prior": self.prior_weight}
 
     def apply_reduction(self, alpha: float) -> dict[str, float]:
         self.ponder_weight = alpha * self.target_ponder_weight

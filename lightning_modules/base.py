@@ -44,6 +44,15 @@ def deit_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, mode:
     raise ValueError(f"distillation: expected 'soft' or 'hard', got {mode!r}")
 
 
+def default_teacher_weights(backbone: str, teacher: Optional[str], weights: Optional[str],
+                            teacher_weights: Optional[str]) -> Optional[str]:
+    """A teacher that is the backbone itself (no `teacher`, or the backbone's name) starts from the student's
+    `weights` file unless `teacher_weights` says otherwise - as DynamicViT's teacher is its pretrained DeiT."""
+    if teacher_weights is None and (teacher is None or teacher == backbone):
+        return weights
+    return teacher_weights
+
+
 class MeanVector(Metric):
     """Mean of a per-sample vector over every sample seen (all ranks): `(B, K)` updates -> `(K,)`."""
 
@@ -89,6 +98,7 @@ class ReductionModule(pl.LightningModule):
         opt_eps: float = 1e-8,
         warmup_epochs: float = 5.0,
         warmup_lr: float = 1e-6,
+        warmup_prefix: bool = False,
         min_lr: float = 1e-5,
         mixup: float = 0.8,
         cutmix: float = 1.0,
@@ -96,6 +106,7 @@ class ReductionModule(pl.LightningModule):
         mixup_switch_prob: float = 0.5,
         label_smoothing: float = 0.1,
         ema_decay: Optional[float] = None,
+        train_mode: bool = True,
     ) -> None:
         super().__init__()
         # Plain containers only: the hyperparameters go into every checkpoint (read with weights_only=True).
@@ -111,7 +122,8 @@ class ReductionModule(pl.LightningModule):
         self.distill_alpha = distill_alpha
         self.distill_tau = distill_tau
         self.teacher_name = teacher
-        self.teacher_weights = teacher_weights
+        self.teacher_weights = default_teacher_weights(backbone, teacher, weights, teacher_weights)
+        self.train_mode = train_mode
         # Built in setup("fit") only: evaluation never needs it (nor its hub weights).
         self.teacher: Optional[nn.Module] = None
         self.mixup_fn = (
@@ -127,6 +139,8 @@ class ReductionModule(pl.LightningModule):
         self.student_ema: Optional[ModelEmaV3] = None
         self.token_stats: Optional[nn.ModuleDict] = None
         self.gmacs = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+        self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+        self.ema_acc1: Optional[nn.ModuleDict] = None
 
     # ------------------------------------------------------------------------------------------ building
     def build_student(self, student_cls: type[ViTStudent] = ViTStudent,
@@ -152,17 +166,29 @@ class ReductionModule(pl.LightningModule):
         self.token_stats = nn.ModuleDict({s: MeanVector(depth + 1) for s in ("val", "test")})
         if hp.ema_decay is not None:
             self.student_ema = ModelEmaV3(student, decay=hp.ema_decay)
+            # updated by hand after each optimiser step, never by gradients: under DDP a parameter that
+            # requires grad but gets none stops the run ("parameters that were not used in producing the loss")
+            self.student_ema.requires_grad_(False)
+            self.ema_acc1 = nn.ModuleDict({s: MulticlassAccuracy(hp.num_classes, top_k=1, average="micro")
+                                           for s in ("val", "test")})
 
     def needs_teacher(self) -> bool:
         return self.distillation != "none"
 
     def teacher_spec(self) -> tuple[str, dict[str, Any]]:
-        """The teacher's timm name and creation kwargs."""
-        assert self.teacher_name is not None
+        """The teacher's timm name and creation kwargs: the backbone itself (with its `backbone_kwargs`) when
+        `teacher` is unset or names the backbone, else the named model as timm builds it."""
+        if self.teacher_name is None or self.teacher_name == self.hparams.backbone:
+            return self.hparams.backbone, dict(self.hparams.backbone_kwargs or {})
         return self.teacher_name, {}
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.teacher is None and self.needs_teacher():
+        if stage == "fit":
+            self.prepare_teacher()
+
+    def prepare_teacher(self) -> None:
+        """Build the frozen teacher when training needs one (once; `fit` only, evaluation never needs it)."""
+        if self.teacher is None and self.needs_teacher():
             name, kwargs = self.teacher_spec()
             self.teacher = create_teacher(name, num_classes=self.num_classes, img_size=self.img_size,
                                           weights=self.teacher_weights, **kwargs)
@@ -171,6 +197,11 @@ class ReductionModule(pl.LightningModule):
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()  # the teacher is frozen: no dropout, no BatchNorm updates, ever
+        if mode and not self.train_mode:
+            # train_mode=false: the student trains in eval mode (dropout and drop path off), as the official
+            # fine-tune scripts of DeiT-derived code do (`model.train(set_training_mode)`); the methods call
+            # their training paths (masks, Gumbel noise, halting) explicitly, so only regularisation changes
+            self.student.eval()
         return self
 
     def forward(self, images: Tensor) -> Tensor:
@@ -190,7 +221,12 @@ class ReductionModule(pl.LightningModule):
 
     def loss_terms(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """Unweighted named loss terms for one batch: `cls`, and `distill` with a DeiT teacher."""
-        out = self.student(images)
+        return self.classification_terms(self.student(images), images, targets)
+
+    def classification_terms(self, out: Tensor | tuple[Tensor, Tensor], images: Tensor,
+                             targets: Tensor) -> dict[str, Tensor]:
+        """`cls` on the class head and, with DeiT distillation, `distill` on the distillation head (a distilled
+        DeiT returns both heads' logits in training; others use one head for both)."""
         logits, logits_kd = out if isinstance(out, tuple) else (out, out)
         terms = {"cls": self.classification_loss(logits, targets)}
         if self.distillation != "none":
@@ -199,6 +235,7 @@ class ReductionModule(pl.LightningModule):
         return terms
 
     def loss_weights(self) -> dict[str, float]:
+        """Weights of `cls` and `distill` (DeiT: 1 - alpha and alpha); methods add their own terms."""
         if self.distillation == "none":
             return {"cls": 1.0}
         return {"cls": 1.0 - self.distill_alpha, "distill": self.distill_alpha}
@@ -219,9 +256,12 @@ class ReductionModule(pl.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
         if self.student_ema is not None:
-            self.student_ema.update(self.student)  # constant decay from the initial weights, as DeiT
+            # once per optimiser step (not per micro-batch under accumulate_grad_batches), constant decay
+            # from the initial weights, as DeiT's and the methods' ModelEma
+            self.student_ema.update(self.student)
 
     def on_train_epoch_end(self) -> None:
         skipped = getattr(self.trainer.datamodule, "skipped_images", None)
@@ -229,8 +269,9 @@ class ReductionModule(pl.LightningModule):
             self.log("data/skipped_images", float(skipped), sync_dist=True, reduce_fx="sum")
 
     def on_fit_start(self) -> None:
-        if self.teacher is not None or self.student_ema is not None:
-            # the frozen teacher and the EMA copy are in eval mode on purpose
+        self.train()  # Lightning keeps the modes modules were built in; this applies train_mode and the teacher's eval
+        if self.teacher is not None or self.student_ema is not None or not self.train_mode:
+            # the frozen teacher, the EMA copy and a student with train_mode=false are in eval mode on purpose
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -246,12 +287,11 @@ class ReductionModule(pl.LightningModule):
         self.acc5[stage].update(logits, targets)
         self.token_stats[stage].update(trace.tokens)
         self.gmacs[stage].update(count_macs(self.student, trace).float() / 1e9)  # per image, as it ran
-        self.log(f"{stage}/loss", F.cross_entropy(logits, targets), on_epoch=True, sync_dist=True)
+        # a mean over images (not over per-rank batch means), so it equals a single-process evaluation
+        self.eval_loss[stage].update(F.cross_entropy(logits, targets), weight=images.shape[0])
         self.eval_trace_hook(stage, trace)
-        if self.student_ema is not None:
-            ema_logits = self.student_ema.module(images)
-            self.log(f"{stage}/ema_acc1", (ema_logits.argmax(1) == targets).float().mean() * 100,
-                     on_epoch=True, sync_dist=True)
+        if self.student_ema is not None and self.ema_acc1 is not None:
+            self.ema_acc1[stage].update(self.student_ema.module(images), targets)
 
     def eval_trace_hook(self, stage: str, trace: TokenTrace) -> None:
         """Per-batch statistics a method adds from the token trace during validation/test (none here)."""
@@ -269,7 +309,12 @@ class ReductionModule(pl.LightningModule):
         for layer, tokens in enumerate(self.token_stats[stage].compute()):
             self.log(f"tokens/layer_{layer}", tokens.float())
         self.log("flops/gmacs", self.gmacs[stage].compute())
-        for metric in (self.acc1[stage], self.acc5[stage], self.token_stats[stage], self.gmacs[stage]):
+        self.log(f"{stage}/loss", self.eval_loss[stage].compute())
+        metrics = [self.acc1[stage], self.acc5[stage], self.token_stats[stage], self.gmacs[stage], self.eval_loss[stage]]
+        if self.ema_acc1 is not None:
+            self.log(f"{stage}/ema_acc1", self.ema_acc1[stage].compute() * 100)
+            metrics.append(self.ema_acc1[stage])
+        for metric in metrics:
             metric.reset()
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -325,7 +370,8 @@ class ReductionModule(pl.LightningModule):
         # Epoch units, stepped with a fractional epoch after every update: the schedule needs no batch count
         # here (asking Lightning for one would build the train loader before a checkpoint is restored).
         scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=epochs, warmup_epochs=hp.warmup_epochs,
-                                           warmup_lr=hp.warmup_lr, min_lr=hp.min_lr, step_on_epochs=True)
+                                           warmup_lr=hp.warmup_lr, warmup_prefix=hp.warmup_prefix, min_lr=hp.min_lr,
+                                           step_on_epochs=True)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def schedule_epoch(self) -> float:

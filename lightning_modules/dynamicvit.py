@@ -9,11 +9,12 @@ teacher's logits + MSE to its final tokens at the kept positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
+from timm.optim import param_groups_weight_decay
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -106,6 +107,8 @@ class PruningOutput:
 class DynamicViTStudent(ViTStudent):
     """A timm ViT with DynamicViT's score predictors (`score_predictor.{s}`) before `reduction_layers`."""
 
+    added_modules = ("score_predictor",)
+
     def __init__(self, vit: Any, keep_rate: float = 0.7, reduction_layers: tuple[int, ...] = (3, 6, 9)) -> None:
         super().__init__(vit)
         bad = [layer for layer in reduction_layers if not 0 <= layer < len(vit.blocks)]
@@ -191,9 +194,11 @@ class DynamicViTModule(ReductionModule):
     Loss terms (unweighted, logged as train/loss_<term>): `cls`, `ratio` (mean over stages of the batch
     mean of (kept fraction - target)^2), `kl` (KL(teacher || student) of the logits), `distill` (MSE of the
     final tokens kept at the last stage). Weights: 1, `ratio_weight`, `kl_weight`, `distill_weight`.
-    Optimiser as the official recipe: the predictors at the scheduled lr; the backbone at
-    `min(backbone_lr_scale * lr, scheduled lr)` and 0 for the first `backbone_freeze_epochs`; cls_token and
-    pos_embed frozen.
+    Optimiser as the official recipes: the predictors at the scheduled lr; the backbone at 0 for the first
+    `backbone_freeze_epochs`, then (`optimizer_recipe: main`, the current repository's `main.py`)
+    `backbone_lr_scale x` the scheduled lr, with no weight decay on the predictors' biases and norms, or
+    (`neurips`, the NeurIPS 2021 `main_dynamic_vit.py`) `min(backbone_lr_scale x peak lr, scheduled lr)`, with
+    weight decay on every predictor parameter; cls_token and pos_embed frozen.
     """
 
     def __init__(
@@ -206,6 +211,7 @@ class DynamicViTModule(ReductionModule):
         distill_weight: float = 0.5,
         backbone_lr_scale: float = 0.01,
         backbone_freeze_epochs: float = 5.0,
+        optimizer_recipe: Literal["main", "neurips"] = "main",
         keep_rate_schedule: Optional[dict[str, float]] = None,
         **shared: Any,
     ) -> None:
@@ -221,6 +227,9 @@ class DynamicViTModule(ReductionModule):
         self.distill_weight = distill_weight
         self.backbone_lr_scale = backbone_lr_scale
         self.backbone_freeze_epochs = backbone_freeze_epochs
+        if optimizer_recipe not in ("main", "neurips"):
+            raise ValueError(f"model.optimizer_recipe: expected main or neurips, got {optimizer_recipe!r}")
+        self.optimizer_recipe = optimizer_recipe
         self.keep_rate_schedule = keep_rate_schedule
         self.build_student(DynamicViTStudent, block_fn=DynamicViTBlock,
                            vit_kwargs={"attn_layer": DynamicViTAttention},
@@ -232,11 +241,6 @@ class DynamicViTModule(ReductionModule):
     # ------------------------------------------------------------------------------------------ teacher
     def needs_teacher(self) -> bool:
         return self.kl_weight > 0 or self.distill_weight > 0
-
-    def teacher_spec(self) -> tuple[str, dict[str, Any]]:
-        if self.teacher_name is None or self.teacher_name == self.hparams.backbone:
-            return self.hparams.backbone, dict(self.hparams.backbone_kwargs or {})
-        return self.teacher_name, {}
 
     @torch.no_grad()
     def teacher_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -269,12 +273,13 @@ class DynamicViTModule(ReductionModule):
 
     # ------------------------------------------------------------------------------------------ optimiser
     def param_groups(self) -> list[dict[str, Any]]:
-        from timm.optim import param_groups_weight_decay
-
-        predictor = {"params": list(self.student.score_predictor.parameters()), "weight_decay": self.hparams.weight_decay}
-        backbone = param_groups_weight_decay(self.student.vit, self.hparams.weight_decay,
-                                             no_weight_decay_list=self.student.vit.no_weight_decay())
-        return [predictor] + [dict(group, backbone=True) for group in backbone]
+        wd = self.hparams.weight_decay
+        if self.optimizer_recipe == "neurips":
+            predictors = [{"params": list(self.student.score_predictor.parameters()), "weight_decay": wd}]
+        else:
+            predictors = param_groups_weight_decay(self.student.score_predictor, wd)
+        backbone = param_groups_weight_decay(self.student.vit, wd, no_weight_decay_list=self.student.vit.no_weight_decay())
+        return predictors + [dict(group, backbone=True) for group in backbone]
 
     def configure_optimizers(self) -> dict[str, Any]:
         config = super().configure_optimizers()
@@ -286,11 +291,18 @@ class DynamicViTModule(ReductionModule):
         self._backbone_lr(scheduler.optimizer, self.schedule_epoch())
 
     def _backbone_lr(self, optimizer: torch.optim.Optimizer, epoch: float) -> None:
-        """The official rule: 0 while frozen, then min(scale x peak lr, the scheduled lr)."""
+        """The official rules, on the lr the schedule just gave every group: 0 while frozen, then
+        scale x scheduled (main) or min(scale x peak lr, scheduled) (neurips)."""
         peak = self.learning_rate()
         for group in optimizer.param_groups:
-            if group.get("backbone"):
-                group["lr"] = 0.0 if epoch < self.backbone_freeze_epochs else min(self.backbone_lr_scale * peak, group["lr"])
+            if not group.get("backbone"):
+                continue
+            if epoch < self.backbone_freeze_epochs:
+                group["lr"] = 0.0
+            elif self.optimizer_recipe == "main":
+                group["lr"] = self.backbone_lr_scale * group["lr"]
+            else:
+                group["lr"] = min(self.backbone_lr_scale * peak, group["lr"])
 
 
 def pruning_ratio_loss(decisions: list[Tensor], targets: list[float]) -> Tensor:

@@ -88,6 +88,10 @@ class ViTStudent(nn.Module):
     This base class is the dense model: it gives timm's logits exactly.
     """
 
+    # Modules a method adds to the dense ViT (DynamicViT's `score_predictor`): a weights file without them (a
+    # dense DeiT checkpoint) initialises the backbone and leaves these at their fresh initialisation.
+    added_modules: tuple[str, ...] = ()
+
     def __init__(self, vit: VisionTransformer) -> None:
         super().__init__()
         self.vit = vit
@@ -150,7 +154,7 @@ class ViTStudent(nn.Module):
 
     def run_block(self, block: nn.Module, *args: Any) -> Any:
         """Call a block, through activation checkpointing when timm's `set_grad_checkpointing` is on."""
-        if self.vit.grad_checkpointing and self.training and torch.is_grad_enabled():
+        if self.vit.grad_checkpointing and torch.is_grad_enabled():  # also when training in eval mode
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
@@ -228,7 +232,11 @@ def _load_matching(model: nn.Module, state: dict[str, Tensor], path: str | pathl
         log.warning("weights: %s has shape %s in %s, %s in the model: left at its initialisation",
                     name, tuple(state[name].shape), path, tuple(target[name].shape))
         del state[name]
-    missing = [k for k in target if k not in state and k not in heads]
+    fresh = tuple(f"{m}." for m in getattr(model, "added_modules", ()) if not any(k.startswith(f"{m}.") for k in state))
+    if fresh:
+        log.warning("weights: %s has no %s (a dense checkpoint): the backbone is loaded, %s start fresh", path,
+                    ", ".join(f"{m}*" for m in fresh), ", ".join(m[:-1] for m in fresh))
+    missing = [k for k in target if k not in state and k not in heads and not k.startswith(fresh)]
     unexpected = [k for k in state if k not in target]
     if missing or unexpected:
         raise ValueError(
@@ -239,15 +247,42 @@ def _load_matching(model: nn.Module, state: dict[str, Tensor], path: str | pathl
     model.load_state_dict(state, strict=False)
 
 
+# DeiT distils from its own RegNetY-16GF weights (`regnety_160-a5fe301d.pth`); timm's untagged name resolves to
+# another pretrained tag (trained on ImageNet-12k), so an untagged DeiT teacher name means DeiT's tag.
+DEIT_TEACHER_TAGS = {"regnety_160": "regnety_160.deit_in1k"}
+
+
+def resolve_teacher_name(name: str, weights: Optional[str]) -> str:
+    """The timm name to create a teacher with: DeiT's pretrained tag for an untagged DeiT teacher from the hub."""
+    if weights is None and name in DEIT_TEACHER_TAGS:
+        log.warning("model.teacher: %s -> %s (DeiT's teacher weights; name a tag to choose others)",
+                    name, DEIT_TEACHER_TAGS[name])
+        return DEIT_TEACHER_TAGS[name]
+    return name
+
+
 def create_teacher(name: str, *, num_classes: int, img_size: Optional[int], weights: Optional[str],
                    **kwargs: Any) -> nn.Module:
-    """A frozen timm classifier in eval mode: hub weights unless a local `weights` file is given."""
-    try:  # ViT teachers take the student's resolution; convnets (regnety_160) take no img_size
-        teacher = timm.create_model(name, pretrained=weights is None, num_classes=num_classes,
-                                    **({"img_size": img_size} if img_size else {}), **kwargs)
-    except TypeError:
-        teacher = timm.create_model(name, pretrained=weights is None, num_classes=num_classes, **kwargs)
+    """A frozen timm classifier in eval mode: hub weights unless a local `weights` file is given. Any failure
+    is a ValueError that says it is the teacher and how to give it a local file."""
+    timm_name = resolve_teacher_name(name, weights)
+    pretrained = weights is None
+    try:
+        try:  # ViT teachers take the student's resolution; convnets (regnety_160) take no img_size
+            teacher = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes,
+                                        **({"img_size": img_size} if img_size else {}), **kwargs)
+        except TypeError:
+            teacher = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except (RuntimeError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Unknown model" in first:
+            raise ValueError(f"model.teacher: unknown timm model {name!r}") from err
+        raise ValueError(f"model.teacher: cannot get weights for the teacher {timm_name!r} ({first}); "
+                         f"give a local file with model.teacher_weights=FILE") from err
     if weights is not None:
-        load_weights(teacher, weights)
+        try:
+            load_weights(teacher, weights)
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"model.teacher_weights: {err}") from err
     teacher.requires_grad_(False)
     return teacher.eval()

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -43,12 +43,42 @@ def leanvit(*args: str) -> int:
     return main(list(args))
 
 
-def leanvit_subprocess(*args: str, cwd: Path, timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess:
-    """The CLI in a fresh interpreter (needed for DDP: never launch ddp inside pytest)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a DDP run's rendezvous, so parallel runs never collide)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", WANDB_MODE="offline",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env.pop("LEANVIT_RUN_DIR", None)
-    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, **kwargs)
+    return env
+
+
+def leanvit_subprocess(*args: str, cwd: Path, timeout: float = 600, script: Optional[Path] = None,
+                       env: Optional[dict[str, str]] = None, **kwargs: Any) -> subprocess.CompletedProcess:
+    """The CLI in a fresh interpreter (needed for DDP: never launch ddp inside pytest), with its own free
+    rendezvous port and a generous timeout (a loaded CI machine is slow). `script` runs a wrapper instead of
+    `-m experiments.cli` (Lightning's DDP launcher re-runs the same command line for the other ranks)."""
+    command = [sys.executable, str(script)] if script else [sys.executable, "-m", "experiments.cli"]
+    try:
+        return subprocess.run([*command, *args], cwd=cwd, env=subprocess_env() | (env or {}), capture_output=True,
+                              text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"leanvit {' '.join(args)} timed out after {timeout} s\n--- stdout ---\n{err.stdout}\n"
+                    f"--- stderr ---\n{err.stderr}", pytrace=False)
+
+
+def check_success(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Fail with the subprocess's whole output (every rank's traceback), not its cut-off tail."""
+    if done.returncode != 0:
+        pytest.fail(f"exit status {done.returncode}: {' '.join(map(str, done.args))}\n--- stdout ---\n"
+                    f"{done.stdout}\n--- stderr ---\n{done.stderr}", pytrace=False)
+    return done
 
 
 def micro_vit(**kwargs: Any) -> torch.nn.Module:

@@ -170,23 +170,30 @@ def test_official_checkpoint_with_predictors_and_ema(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded(images), source(images), rtol=0, atol=0)
 
 
-def test_backbone_frozen_then_scaled_and_tokens_frozen() -> None:
-    module = micro_module(lr=1e-3, backbone_freeze_epochs=2)
+@pytest.mark.parametrize("recipe", ["main", "neurips"])
+def test_backbone_frozen_then_scaled_and_tokens_frozen(recipe: str) -> None:
+    module = micro_module(lr=1e-3, backbone_freeze_epochs=2, optimizer_recipe=recipe, weight_decay=0.05)
     groups = module.param_groups()
     names = {id(p): n for n, p in module.student.named_parameters()}
     in_groups = {names[id(p)] for g in groups for p in g["params"]}
     assert "vit.cls_token" not in in_groups and "vit.pos_embed" not in in_groups
-    predictor = {names[id(p)] for p in groups[0]["params"]}
-    assert predictor == {n for n in names.values() if n.startswith("score_predictor.")}
+    predictor_groups = [g for g in groups if not g.get("backbone")]
+    predictor = {names[id(p)]: g["weight_decay"] for g in predictor_groups for p in g["params"]}
+    assert set(predictor) == {n for n in names.values() if n.startswith("score_predictor.")}
+    # main.py: no weight decay on the predictors' biases and LayerNorm; main_dynamic_vit.py: decay on all
+    assert predictor["score_predictor.0.in_conv.0.weight"] == (0.0 if recipe == "main" else 0.05)
+    assert predictor["score_predictor.0.out_conv.0.bias"] == (0.0 if recipe == "main" else 0.05)
+    assert predictor["score_predictor.0.out_conv.0.weight"] == 0.05
     optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    is_backbone = [bool(g.get("backbone")) for g in optimizer.param_groups]
     module._backbone_lr(optimizer, epoch=1.5)
-    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 0.0, 0.0]
-    module._backbone_lr(optimizer, epoch=2.0)
-    assert [g["lr"] for g in optimizer.param_groups[1:]] == [0.0, 0.0]  # min(scale * peak, 0) after a frozen step
-    for g in optimizer.param_groups:
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0 if b else 1e-3 for b in is_backbone]
+    for g in optimizer.param_groups:  # the schedule sets every group, then the backbone rule applies
         g["lr"] = 5e-4
     module._backbone_lr(optimizer, epoch=2.0)
-    assert [g["lr"] for g in optimizer.param_groups] == [5e-4, 1e-5, 1e-5]
+    # main: 0.01 x the scheduled 5e-4; neurips: min(0.01 x the peak 1e-3, 5e-4)
+    expected = 0.01 * 5e-4 if recipe == "main" else 1e-5
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(expected) if b else 5e-4 for b in is_backbone]
 
 
 def test_fit_with_a_tiny_teacher_learns(in_tmp: Path) -> None:
@@ -205,3 +212,32 @@ def test_fit_with_a_tiny_teacher_learns(in_tmp: Path) -> None:
     ratio = column(rows, "train/loss_ratio")
     assert sum(ratio[-3:]) / 3 < sum(ratio[:3]) / 3  # the predictor learns to keep about half
     assert column(rows, "tokens/layer_1")[-1] == 1 + 32
+
+
+def test_starts_from_a_dense_deit_file_offline_with_fresh_predictors_and_it_as_teacher(
+        in_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The bug: a plain timm/DeiT state dict was refused for its missing predictors, and the teacher then asked
+    the hub for weights. The official code loads the backbone from the DeiT file, the teacher from the same."""
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_micro_patch4_32", num_classes=10, depth=2)
+    torch.save({"model": dense.state_dict()}, in_tmp / "deit_micro.pth")  # DeiT's release format
+    module = micro_module(backbone_kwargs={"depth": 2}, reduction_layers=[1], weights=str(in_tmp / "deit_micro.pth"))
+    assert "score_predictor" in caplog.text and "start fresh" in caplog.text
+    for name, value in dense.state_dict().items():
+        assert torch.equal(module.student.vit.state_dict()[name], value), name
+    module.prepare_teacher()
+    assert module.teacher is not None
+    for name, value in dense.state_dict().items():
+        assert torch.equal(module.teacher.state_dict()[name], value), name
+    # and end to end, offline (HF_HUB_OFFLINE=1): no hub request anywhere
+    assert leanvit("fit", QUICKSTART, *FAST, "method=dynamicvit", "model.reduction_layers=[1]",
+                   f"model.weights={in_tmp / 'deit_micro.pth'}", "trainer.max_epochs=1",
+                   "trainer.limit_train_batches=3", "trainer.limit_val_batches=2") == 0
+
+
+def test_a_teacher_without_weights_names_the_teacher(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert leanvit("fit", QUICKSTART, *FAST, "method=dynamicvit", "model.reduction_layers=[1]",
+                   "trainer.max_epochs=1") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.teacher" in err and "model.teacher_weights=FILE" in err
+    assert not (in_tmp / "runs" / "digits" / "dense" / "version_0" / "checkpoints" / "last.ckpt").exists()
