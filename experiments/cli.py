@@ -228,6 +228,8 @@ def run_trainer_command(command: str, config: str, overrides: list[str]) -> int:
     import pytorch_lightning as pl
 
     cfg = load_checked(config, overrides)
+    if command != "fit":
+        warn_if_untrained(cfg, command)
     run = prepare_run(cfg, command)
     pl.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
     module, datamodule = build_objects(cfg, resuming=run.resume_ckpt is not None, command=command)
@@ -314,6 +316,7 @@ def visualize_command(config: str, overrides: list[str]) -> int:
     paths = [p for p in paths if p.is_file()]
     if not paths:
         raise ConfigError(f"images: nothing matches {pattern!r}")
+    warn_if_untrained(cfg, "visualize")
     module, datamodule = build_objects(cfg, resuming=False, command="visualize")
     transform = datamodule.eval_transform()
     try:
@@ -325,6 +328,25 @@ def visualize_command(config: str, overrides: list[str]) -> int:
                            cfg.get("layers"), title=f"{cfg['method']} {experiment_name(cfg)}")
     print(f"leanvit visualize: wrote {len(written)} figures to {out}/")
     return 0
+
+
+def config_command(config: str, overrides: list[str]) -> int:
+    """`leanvit config CONFIG [overrides]`: the resolved, checked config `fit` would run, with the method's and
+    the DataModule's defaults filled in, as YAML."""
+    from omegaconf import OmegaConf
+
+    from experiments.recipes import effective
+
+    print(OmegaConf.to_yaml(OmegaConf.create(effective(load_checked(config, overrides)))), end="")
+    return 0
+
+
+def warn_if_untrained(cfg: dict[str, Any], command: str) -> None:
+    """Evaluating or drawing a model that has no trained weights is almost always a mistake: say so."""
+    model = cfg.get("model") or {}
+    if not model.get("pretrained") and not model.get("weights"):
+        print(f"leanvit {command}: warning: the model has no trained weights (model.pretrained is false and no "
+              f"model.weights=FILE): its initialisation is evaluated", file=sys.stderr)
 
 
 def report_command(run_dirs: list[str], out: str) -> int:
@@ -356,6 +378,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="experiment YAML (a path, or relative to the experiments folder)")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="omegaconf dotlist overrides")
+    p = sub.add_parser("config", help="print the resolved, checked config (defaults filled in) that fit would run")
+    p.add_argument("config", help="experiment YAML (a path, or relative to the experiments folder)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="omegaconf dotlist overrides")
     p = sub.add_parser("benchmark", help="throughput and MACs of a configured method next to its dense backbone")
     p.add_argument("config", help="experiment YAML")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
@@ -381,6 +406,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "test": lambda: run_trainer_command("test", args.config, args.overrides),
         "export-data": lambda: export_data(args.out, args.dataset),
         "benchmark": lambda: benchmark_command(args.config, args.overrides),
+        "config": lambda: config_command(args.config, args.overrides),
         "visualize": lambda: visualize_command(args.config, args.overrides),
         "report": lambda: report_command([r for r in args.runs if not r.startswith("out=")],
                                          next((r[4:] for r in args.runs if r.startswith("out=")), "report")),

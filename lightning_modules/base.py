@@ -369,7 +369,10 @@ class ReductionModule(pl.LightningModule):
             raise ValueError("trainer.max_epochs: must be set, the warm-up + cosine schedule spans it")
         # Epoch units, stepped with a fractional epoch after every update: the schedule needs no batch count
         # here (asking Lightning for one would build the train loader before a checkpoint is restored).
-        scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=epochs, warmup_epochs=hp.warmup_epochs,
+        # warmup_prefix: the warm-up comes before a cosine over the remaining epochs (DynamicViT's cosine_scheduler);
+        # otherwise the cosine spans every epoch with the warm-up overriding its start (DeiT's timm scheduler)
+        cosine_epochs = epochs - hp.warmup_epochs if hp.warmup_prefix else epochs
+        scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cosine_epochs, warmup_epochs=hp.warmup_epochs,
                                            warmup_lr=hp.warmup_lr, warmup_prefix=hp.warmup_prefix, min_lr=hp.min_lr,
                                            step_on_epochs=True)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
