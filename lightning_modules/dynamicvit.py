@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, trunc_normal_
 from timm.optim import param_groups_weight_decay
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
@@ -57,6 +57,13 @@ class PredictorLG(nn.Module):
             nn.Linear(embed_dim // 2, embed_dim // 4), nn.GELU(),
             nn.Linear(embed_dim // 4, 2), nn.LogSoftmax(dim=-1),
         )
+        # the official model's `_init_weights` (applied after the predictors exist): truncated normal std 0.02,
+        # zero biases. Keep probabilities start near 0.5 for every token; PyTorch's default init starts them
+        # spread out and training can lock them at "keep all"
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor, policy: Tensor) -> Tensor:
         x = self.in_conv(x)

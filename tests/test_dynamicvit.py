@@ -241,3 +241,18 @@ def test_a_teacher_without_weights_names_the_teacher(in_tmp: Path, capsys: pytes
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "model.teacher" in err and "model.teacher_weights=FILE" in err
     assert not (in_tmp / "runs" / "digits" / "dense" / "version_0" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_predictors_start_as_the_official_init() -> None:
+    """The official model applies its `_init_weights` to the predictors (truncated normal std 0.02, zero bias):
+    every token starts near a 50 % keep probability. PyTorch's default init spread them and let training lock
+    the predictors at keeping everything."""
+    torch.manual_seed(0)
+    predictor = PredictorLG(384)
+    linears = [m for m in predictor.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4
+    for layer in linears:
+        assert torch.all(layer.bias == 0)
+        assert 0.015 < float(layer.weight.std()) < 0.025
+    keep = predictor(torch.randn(2, 196, 384) * 3, torch.ones(2, 196, 1))[..., 0].exp()
+    assert float((keep - 0.5).abs().max()) < 0.01
