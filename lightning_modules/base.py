@@ -44,6 +44,10 @@ def deit_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, mode:
     raise ValueError(f"distillation: expected 'soft' or 'hard', got {mode!r}")
 
 
+class NonFiniteLossError(ArithmeticError):
+    """A loss term became NaN or inf; training stopped before it reached the weights."""
+
+
 def default_teacher_weights(backbone: str, teacher: Optional[str], weights: Optional[str],
                             teacher_weights: Optional[str]) -> Optional[str]:
     """A teacher that is the backbone itself (no `teacher`, or the backbone's name) starts from the student's
@@ -248,6 +252,7 @@ class ReductionModule(pl.LightningModule):
                 raise ValueError(f"mixup/cutmix need an even batch size, got {images.shape[0]} (data.batch_size)")
             images, targets = self.mixup_fn(images, targets)
         terms = self.loss_terms(images, targets)
+        self.check_finite(terms)
         weights = self.loss_weights()
         loss = sum(weights[name] * value for name, value in terms.items())
         self.log("train/loss", loss, prog_bar=True)
@@ -255,6 +260,22 @@ class ReductionModule(pl.LightningModule):
             self.log(f"train/loss_{name}", value)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
+
+    def check_finite(self, terms: dict[str, Tensor]) -> None:
+        """Stop training, on every rank, before a non-finite loss term reaches the weights (`NonFiniteLossError`):
+        no optimiser step is taken, so the checkpoints keep the last finite weights."""
+        bad = [name for name, value in terms.items() if not bool(torch.isfinite(value).all())]
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            if not trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+                return
+        elif not bad:
+            return
+        raise NonFiniteLossError(
+            f"train: non-finite loss at step {self.global_step} (epoch {self.current_epoch}, batch "
+            f"{self.trainer.fit_loop.epoch_loop.batch_idx + 1}): "
+            + (", ".join(f"loss_{n}={float(terms[n].detach().float()):g}" for n in bad) if bad else "on another rank")
+            + "; training stopped, last.ckpt and best.ckpt hold the last finite weights")
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -371,7 +392,7 @@ class ReductionModule(pl.LightningModule):
         # here (asking Lightning for one would build the train loader before a checkpoint is restored).
         # warmup_prefix: the warm-up comes before a cosine over the remaining epochs (DynamicViT's cosine_scheduler);
         # otherwise the cosine spans every epoch with the warm-up overriding its start (DeiT's timm scheduler)
-        cosine_epochs = epochs - hp.warmup_epochs if hp.warmup_prefix else epochs
+        cosine_epochs = max(epochs - hp.warmup_epochs, 1e-3) if hp.warmup_prefix else epochs  # (a run inside its warm-up)
         scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cosine_epochs, warmup_epochs=hp.warmup_epochs,
                                            warmup_lr=hp.warmup_lr, warmup_prefix=hp.warmup_prefix, min_lr=hp.min_lr,
                                            step_on_epochs=True)

@@ -1,0 +1,49 @@
+"""`make accuracy` end to end in miniature (one short epoch per run): every method fine-tunes from the dense
+canvas checkpoint it trained, and the BENCHMARKS.md section is written once (and replaced, not repeated)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datamodules import EmbeddedDataModule
+from datamodules.embedded import CANVAS_SIZE, load_embedded
+from lightning_modules import METHODS
+
+SMOKE = ["--set", "trainer.max_epochs=1", "--set", "trainer.limit_train_batches=2", "--set",
+         "trainer.limit_val_batches=2", "--set", "callbacks.throughput={batch_size: 4, warmup: 1, repeats: 1}"]
+
+
+def test_canvas_digits_keep_three_quarters_background_and_train_positions_vary() -> None:
+    images, labels = load_embedded("mnist_canvas")
+    assert images.shape == (5000, CANVAS_SIZE, CANVAS_SIZE) and len(labels) == 5000
+    patches = images.reshape(5000, 8, 4, 8, 4).transpose(0, 1, 3, 2, 4).reshape(5000, 64, 16)
+    empty = (patches.max(axis=2) == 0).mean()
+    assert empty >= 0.7  # the 16 px digit covers at most 4 x 4 of the 8 x 8 patches
+    dm = EmbeddedDataModule(dataset="mnist_canvas", batch_size=16, scale=(1.0, 1.0))
+    first, _ = next(iter(dm.train_dataloader()))
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    second, _ = next(iter(loader))
+    assert not torch.equal(first, second)  # a digit lands elsewhere in another epoch
+
+
+def test_make_accuracy_in_miniature(in_tmp: Path) -> None:
+    from experiments.accuracy import BEGIN, END, main
+
+    out = in_tmp / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nkept text\n")
+    assert main(["--runs-dir", "runs", "--version", "a", "--output", str(out), "--docs", "docs", *SMOKE]) == 0
+    text = out.read_text()
+    assert "kept text" in text and text.count(BEGIN) == 1 and text.count(END) == 1
+    table = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert sorted(line.split("|")[1].strip().strip("*") for line in table) == sorted(METHODS)
+    assert all("| x" in line for line in table)  # a measured speed-up in every row
+    assert (in_tmp / "docs" / "accuracy_vs_gmacs.png").is_file()
+    weights = in_tmp / "runs" / "canvas" / "dense_scratch" / "a" / "checkpoints" / "best.ckpt"
+    assert main(["--runs-dir", "runs", "--version", "b", "--weights", str(weights), "--output", str(out),
+                 "--docs", "docs", *SMOKE]) == 0
+    assert out.read_text().count(BEGIN) == 1  # replaced, not appended
+    assert not (in_tmp / "runs" / "canvas" / "dense_scratch" / "b").exists()
+    assert np.isfinite(float(table[0].split("|")[3]))
