@@ -1,4 +1,4 @@
-"""Checkpoints that a killed process can never leave half-written."""
+"""Checkpoints that a killed process can never leave half-written, and that never replace a good one with a bad one."""
 from __future__ import annotations
 
 import os
@@ -9,23 +9,50 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only folder, ...); the previous one is intact."""
+
+
+class NonFiniteCheckpointError(ValueError):
+    """The weights hold NaN or inf: writing them would replace the last good checkpoint."""
+
+
+def non_finite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or inf."""
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file in the same folder, flush it to disk, then rename over the target.
 
     A rename within one file system is atomic: a reader (or a resume after a crash) sees the old
     checkpoint or the new one, never a truncated file. (Lightning's own save goes through fsspec, whose
     temporary file lives in the system temp dir: across file systems its final move is a plain copy.)
+    A write that fails (disk full, read-only folder) raises `CheckpointWriteError` naming the file and leaves
+    the previous checkpoint as it was; weights with NaN or inf are refused (`NonFiniteCheckpointError`), so
+    a diverged run never overwrites its last good checkpoint.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        bad = non_finite_tensors(checkpoint.get("state_dict", {}))
+        if bad:
+            raise NonFiniteCheckpointError(f"checkpoint: not writing {path}: non-finite weights in {', '.join(bad[:4])}"
+                                           f"{' ...' if len(bad) > 4 else ''}; the previous checkpoint is kept")
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as err:
+            reason = err.strerror or str(err) or type(err).__name__
+            raise CheckpointWriteError(f"checkpoint: cannot write {path}: {reason}; the previous checkpoint is "
+                                       f"intact") from err
         finally:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass

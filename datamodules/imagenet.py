@@ -76,6 +76,26 @@ class ImageFolderDataset(ImageFolder):
         raise UnreadableImageError(f"data: no readable image in {self.root}")
 
 
+class ResumableLoader(DataLoader):
+    """The training DataLoader with the state Lightning saves in every checkpoint: the epoch and how many of its
+    batches were trained (read from the trainer when the checkpoint is written). Restored from a mid-epoch
+    checkpoint it starts at the next batch of the same epoch order (`EpochSampler.skip`); the data order is a
+    pure function of (seed, epoch, position), so the resumed run sees exactly the batches it would have."""
+
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.progress()
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler = self.sampler
+        if isinstance(sampler, EpochSampler) and state.get("epoch") == sampler.epoch and self.batch_size:
+            sampler.skip(int(state["batches"]) * self.batch_size)
+
+
 class ImageDataModule(pl.LightningDataModule):
     """The image pipeline every data set shares: timm transforms, the epoch-seeded sampler, the loaders.
 
@@ -147,9 +167,12 @@ class ImageDataModule(pl.LightningDataModule):
         train, val, test, self.classes = self.build_splits()
         self.datasets = {"train": SeededSamples(train, self.seed), "val": val, "test": test}
 
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
+                    persistent_workers=self.persistent_workers and self.num_workers > 0)
+
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.persistent_workers and self.num_workers > 0, **kwargs)
+        return DataLoader(dataset, batch_size=batch_size, **self._loader_kwargs(), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
@@ -161,7 +184,15 @@ class ImageDataModule(pl.LightningDataModule):
             # Lightning creates the first iterator, and with workers prefetches from it, before its set_epoch
             # call: after a resume that first epoch is not 0, so start at the epoch the fit loop resumes at.
             sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
-        return self._loader(self.datasets["train"], self.batch_size, sampler=sampler, drop_last=True)
+        return ResumableLoader(self.datasets["train"], batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                               progress=self._train_progress, **self._loader_kwargs())
+
+    def _train_progress(self) -> tuple[int, int]:
+        """(epoch, batches of it trained) as the trainer counts them when a checkpoint is written."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

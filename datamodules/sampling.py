@@ -74,14 +74,21 @@ class EpochSampler(DistributedSampler):
                  repeats: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.repeats = max(1, repeats)
+        self.start = 0  # samples of this epoch already trained (a mid-epoch resume); used by the next iterator
 
     def order(self) -> list[tuple[int, int]]:
         return epoch_order(len(self.dataset), seed=self.seed, epoch=self.epoch,  # type: ignore[arg-type]
                            num_replicas=self.num_replicas, rank=self.rank, repeats=self.repeats)
 
+    def skip(self, samples: int) -> None:
+        """Let the next iterator start `samples` into this epoch's order (once): a mid-epoch resume continues
+        with the next batch, none replayed, none skipped."""
+        self.start = samples
+
     def __iter__(self) -> Iterator[SampleKey]:  # type: ignore[override]
-        epoch = self.epoch
-        return ((epoch, index, copy) for index, copy in self.order())
+        epoch, start = self.epoch, self.start
+        self.start = 0
+        return ((epoch, index, copy) for index, copy in self.order()[start:])
 
     def __len__(self) -> int:
         return epoch_length(len(self.dataset), self.num_replicas, self.repeats)  # type: ignore[arg-type]

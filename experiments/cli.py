@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 RUN_DIR_ENV = "LEANVIT_RUN_DIR"  # how the rank-0 process tells the DDP ranks it launches where the run lives
+RESUME_ENV = "LEANVIT_RESUME_CKPT"  # ... and which checkpoint it resumes ("" for a fresh start)
+DIVERGED_EXIT = 3  # a non-finite loss stopped training
+LAUNCHER_ENV = "LEANVIT_LAUNCHER_PID"  # the process that started this rank (Lightning's DDP launcher = rank 0)
 
 
 def _error(message: str) -> int:
@@ -53,12 +56,30 @@ def global_rank() -> int:
     return getattr(rank_zero_only, "rank", 0)
 
 
-def find_resume(resume: str, experiment_dir: Path) -> Path:
-    """`last` -> the newest `last.ckpt` of this experiment; a run directory -> its `last.ckpt`; or a .ckpt file."""
+def pinned_run_dir(cfg: dict[str, Any], experiment_dir: Path) -> Optional[Path]:
+    """The run directory a command is tied to without searching: `version=`, or the job id of a torchrun or
+    SLURM job (every rank of a job starts at once and must agree; a requeued SLURM job keeps its id)."""
+    if cfg.get("version"):
+        return experiment_dir / str(cfg["version"])
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
+    if job:
+        return experiment_dir / f"job_{job}"
+    return None
+
+
+def find_resume(resume: str, experiment_dir: Path, pinned: Optional[Path] = None) -> Optional[Path]:
+    """`last` -> the newest `last.ckpt` of this experiment; `auto` -> the same, or None (start a new run) when
+    there is none - within the pinned run directory only, when the command has one (a job's own run); a run
+    directory -> its `last.ckpt`; or a .ckpt file."""
     from experiments.config import ConfigError
 
-    if resume == "last":
+    if resume == "auto" and pinned is not None:
+        last = pinned / "checkpoints" / "last.ckpt"
+        return last if last.is_file() else None
+    if resume in ("last", "auto"):
         found = sorted(experiment_dir.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found and resume == "auto":
+            return None
         if not found:
             raise ConfigError(f"resume=last: no {experiment_dir}/*/checkpoints/last.ckpt to resume from")
         return found[-1]
@@ -77,7 +98,12 @@ def prepare_run(cfg: dict[str, Any], command: str) -> Run:
     experiment = experiment_name(cfg)
     experiment_dir = Path(cfg.get("runs_dir") or "runs") / experiment
     rank_zero = global_rank() == 0
-    resume_ckpt = find_resume(str(cfg["resume"]), experiment_dir) if cfg.get("resume") and command == "fit" else None
+    resume_ckpt = None
+    if not rank_zero and RESUME_ENV in os.environ:  # the rank-0 process decided (resume=auto must agree)
+        resume_ckpt = Path(os.environ[RESUME_ENV]) if os.environ[RESUME_ENV] else None
+    elif cfg.get("resume") and command == "fit":
+        resume_ckpt = find_resume(str(cfg["resume"]), experiment_dir, pinned_run_dir(cfg, experiment_dir))
+    os.environ[RESUME_ENV] = str(resume_ckpt or "")
     wandb_id = (cfg.get("logger") or {}).get("wandb", {}).get("id")
     if resume_ckpt is not None:
         run_dir = resume_ckpt.parent.parent
@@ -86,17 +112,14 @@ def prepare_run(cfg: dict[str, Any], command: str) -> Run:
             wandb_id = ((yaml.safe_load(saved.read_text()) or {}).get("logger") or {}).get("wandb", {}).get("id")
     elif not rank_zero and os.environ.get(RUN_DIR_ENV):
         run_dir = Path(os.environ[RUN_DIR_ENV])
-    elif cfg.get("version"):
-        run_dir = experiment_dir / str(cfg["version"])
-    elif os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID"):
-        # torchrun / SLURM start every rank at once: name the run after the job, which all ranks share
-        job = os.environ.get("SLURM_JOB_ID") or os.environ["TORCHELASTIC_RUN_ID"]
-        run_dir = experiment_dir / f"job_{job}"
+    elif (pinned := pinned_run_dir(cfg, experiment_dir)) is not None:
+        run_dir = pinned
     else:
         taken = [int(p.name.split("_")[1]) for p in experiment_dir.glob("version_*") if p.name.split("_")[1].isdigit()]
         run_dir = experiment_dir / f"version_{max(taken, default=-1) + 1}"
     os.environ[RUN_DIR_ENV] = str(run_dir)
     if rank_zero:
+        os.environ[LAUNCHER_ENV] = str(os.getpid())
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if wandb_id is None and rank_zero and (cfg.get("logger") or {}).get("wandb", {}).get("enabled"):
         wandb_id = uuid.uuid4().hex[:12]  # W&B run ids: lowercase letters and digits
@@ -135,9 +158,12 @@ def make_loggers(cfg: dict[str, Any], run: Run) -> list[Any]:
 
 
 def make_callbacks(cfg: dict[str, Any], run: Run, command: str) -> list[Any]:
+    from datetime import timedelta
+
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from callbacks import CALLBACKS, ReseedEachBatch
+    from callbacks.preemption import Heartbeat, Preemption
     from experiments.config import CheckpointConfig, dataclass_from
 
     callbacks: list[Any] = [ReseedEachBatch(cfg["seed"])]
@@ -149,6 +175,15 @@ def make_callbacks(cfg: dict[str, Any], run: Run, command: str) -> list[Any]:
                       enable_version_counter=False, auto_insert_metric_name=False)
         if ckpt.save_last:
             callbacks.append(ModelCheckpoint(filename="last", monitor=None, save_top_k=1, **common))
+            if ckpt.every_n_train_steps or ckpt.train_time_interval:
+                # mid-epoch last.ckpt (one ModelCheckpoint cannot trigger on both epochs and steps)
+                interval = timedelta(seconds=ckpt.train_time_interval) if ckpt.train_time_interval else None
+                callbacks.append(ModelCheckpoint(
+                    dirpath=run.dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                    every_n_train_steps=ckpt.every_n_train_steps, train_time_interval=interval,
+                    save_on_train_epoch_end=False, enable_version_counter=False, auto_insert_metric_name=False))
+        callbacks += [Preemption(run.dir / "checkpoints" / "last.ckpt"),
+                      Heartbeat(run.dir / "progress.json", ckpt.progress_interval)]
         if ckpt.save_best and ckpt.monitor is not None:
             callbacks.append(ModelCheckpoint(filename="best", monitor=ckpt.monitor, mode=ckpt.mode, save_top_k=1,
                                              **common))
@@ -236,11 +271,17 @@ def run_trainer_command(command: str, config: str, overrides: list[str]) -> int:
 
     from callbacks import AtomicCheckpointIO
 
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if os.environ.get("SLURM_JOB_ID"):
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
+        if SLURMEnvironment.detect():  # leanvit's Preemption callback requeues; Lightning's would kill the ranks
+            plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = pl.Trainer(
         **resolve_trainer(cfg.get("trainer") or {}),
         logger=make_loggers(cfg, run) or False,
         callbacks=make_callbacks(cfg, run, command),
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
         default_root_dir=str(run.dir),
         enable_checkpointing=command == "fit",
     )
@@ -251,6 +292,13 @@ def run_trainer_command(command: str, config: str, overrides: list[str]) -> int:
     started = time.time()
     try:
         results = run_stage(command, trainer, module, datamodule, run)
+    except TrainingStopped as err:
+        if run.rank_zero:
+            print(f"leanvit: {err}", file=sys.stderr)
+            return err.status
+        # a rank that Lightning's launcher started from rank 0: exiting non-zero would make that launcher kill
+        # rank 0 mid-cleanup; rank 0 reports the status
+        return 0 if os.environ.get(LAUNCHER_ENV) == str(os.getppid()) else err.status
     finally:
         finish_wandb(trainer)
     if run.rank_zero:
@@ -267,6 +315,15 @@ def run_trainer_command(command: str, config: str, overrides: list[str]) -> int:
     return 0
 
 
+class TrainingStopped(Exception):
+    """Training ended early on purpose (preempted, diverged) or could not write a checkpoint: one line and a
+    status, no traceback."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def finish_wandb(trainer: Any) -> None:
     """Close the W&B run so an offline run directory is complete when the command returns."""
     from pytorch_lightning.loggers import WandbLogger
@@ -279,11 +336,41 @@ def finish_wandb(trainer: Any) -> None:
             wandb.teardown()  # flushes the offline files; a later run in this process starts a fresh service
 
 
+def resume_report(run: Run) -> str:
+    """Where a resume continues from, and what the interrupted attempt lost since that checkpoint."""
+    import torch
+
+    from callbacks.preemption import lost_work
+
+    assert run.resume_ckpt is not None
+    try:
+        ckpt = torch.load(run.resume_ckpt, map_location="cpu", weights_only=True, mmap=True)
+        where = f"step {ckpt.get('global_step', '?')} (epoch {ckpt.get('epoch', '?')})"
+    except Exception:  # the trainer names an unreadable file itself
+        ckpt, where = None, "?"
+    line = f"leanvit: resuming {run.dir} from {run.resume_ckpt} at {where}"
+    lost = lost_work(run.dir / "progress.json", ckpt, run.resume_ckpt) if ckpt is not None else None
+    if lost is not None:
+        line += f"; the interrupted attempt lost {lost[0]} steps (~{lost[1]:.1f} min) since that checkpoint"
+    return line
+
+
 def run_stage(command: str, trainer: Any, module: Any, datamodule: Any, run: Run) -> dict[str, float]:
     if command == "fit":
         if run.resume_ckpt is not None and run.rank_zero:
-            print(f"leanvit: resuming {run.dir} from {run.resume_ckpt}")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.resume_ckpt) if run.resume_ckpt else None)
+            print(resume_report(run), flush=True)
+        from callbacks.checkpointing import CheckpointWriteError, NonFiniteCheckpointError
+        from callbacks.preemption import PREEMPTED_EXIT, Preempted
+        from lightning_modules.base import NonFiniteLossError
+
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.resume_ckpt) if run.resume_ckpt else None)
+        except Preempted as err:
+            raise TrainingStopped(str(err), PREEMPTED_EXIT) from err
+        except (NonFiniteLossError, NonFiniteCheckpointError) as err:
+            raise TrainingStopped(str(err), DIVERGED_EXIT) from err
+        except CheckpointWriteError as err:
+            raise TrainingStopped(str(err), 2) from err
         results = summarise(trainer.callback_metrics)
         best = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)), None)
         if best is not None and best.best_model_score is not None:
@@ -394,7 +481,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p = sub.add_parser("export-data", help="write the embedded data set as an ImageNet-style folder tree")
     p.add_argument("out", help="output folder")
-    p.add_argument("--dataset", default="digits", choices=["digits", "mnist"])
+    p.add_argument("--dataset", default="digits", choices=["digits", "digits_canvas", "mnist"])
     args = parser.parse_args(argv)
 
     from experiments.benchmark import benchmark_command

@@ -230,13 +230,17 @@ class LoggerConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Lightning ModelCheckpoint: `last.ckpt` every epoch, `best.ckpt` by `monitor`."""
+    """Lightning ModelCheckpoint: `last.ckpt` every epoch (and every `every_n_train_steps` optimiser steps and/or
+    every `train_time_interval` seconds of training, mid-epoch), `best.ckpt` by `monitor`."""
 
     monitor: Optional[str] = "val/acc1"
     mode: Literal["max", "min"] = "max"
     save_last: bool = True
     save_best: bool = True
     every_n_epochs: int = 1
+    every_n_train_steps: Optional[int] = None
+    train_time_interval: Optional[float] = None  # seconds
+    progress_interval: float = 5.0  # seconds between progress.json updates (the lost-work report on resume)
 
 
 @dataclass

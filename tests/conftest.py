@@ -26,7 +26,8 @@ FAST = ["model.backbone_kwargs.depth=2", "trainer.enable_progress_bar=false", "t
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LEANVIT_RUN_DIR", raising=False)
+    for name in ("LEANVIT_RUN_DIR", "LEANVIT_RESUME_CKPT", "LEANVIT_LAUNCHER_PID"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -55,7 +56,8 @@ def free_port() -> int:
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", WANDB_MODE="offline",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    env.pop("LEANVIT_RUN_DIR", None)
+    for name in ("LEANVIT_RUN_DIR", "LEANVIT_RESUME_CKPT", "LEANVIT_LAUNCHER_PID"):
+        env.pop(name, None)
     return env
 
 
