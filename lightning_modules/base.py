@@ -50,9 +50,9 @@ class NonFiniteLossError(ArithmeticError):
 
 def default_teacher_weights(backbone: str, teacher: Optional[str], weights: Optional[str],
                             teacher_weights: Optional[str]) -> Optional[str]:
-    """A teacher that is the backbone itself (no `teacher`, or the backbone's name) starts from the student's
-    `weights` file unless `teacher_weights` says otherwise - as DynamicViT's teacher is its pretrained DeiT."""
-    if teacher_weights is None and (teacher is None or teacher == backbone):
+    """A teacher that is the backbone itself (no `teacher` named) starts from the student's `weights` file unless
+    `teacher_weights` says otherwise - as DynamicViT's teacher is its pretrained DeiT."""
+    if teacher_weights is None and teacher is None:
         return weights
     return teacher_weights
 
@@ -181,8 +181,8 @@ class ReductionModule(pl.LightningModule):
 
     def teacher_spec(self) -> tuple[str, dict[str, Any]]:
         """The teacher's timm name and creation kwargs: the backbone itself (with its `backbone_kwargs`) when
-        `teacher` is unset or names the backbone, else the named model as timm builds it."""
-        if self.teacher_name is None or self.teacher_name == self.hparams.backbone:
+        `teacher` is unset (DynamicViT), else the named model as timm builds it."""
+        if self.teacher_name is None:
             return self.hparams.backbone, dict(self.hparams.backbone_kwargs or {})
         return self.teacher_name, {}
 

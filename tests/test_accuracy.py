@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from datamodules import EmbeddedDataModule
@@ -29,6 +30,18 @@ def test_canvas_digits_keep_three_quarters_background_and_train_positions_vary()
     assert not torch.equal(first, second)  # a digit lands elsewhere in another epoch
 
 
+def test_the_benchmarks_section_is_replaced_not_repeated(tmp_path: Path) -> None:
+    from experiments.accuracy import BEGIN, END, write_section
+
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nkept text\n")
+    write_section(out, f"{BEGIN}\nfirst\n{END}")
+    write_section(out, f"{BEGIN}\nsecond\n{END}")
+    text = out.read_text()
+    assert "kept text" in text and "second" in text and "first" not in text and text.count(BEGIN) == 1
+
+
+@pytest.mark.slow
 def test_make_accuracy_in_miniature(in_tmp: Path) -> None:
     from experiments.accuracy import BEGIN, END, main
 

@@ -19,9 +19,9 @@ COMMON = [*FAST, f"trainer.max_epochs={EPOCHS}", f"trainer.limit_train_batches={
           "model.mixup=0.8", "model.cutmix=1.0", "model.ema_decay=0.99", "data.repeated_aug=3",
           f"data.batch_size={BATCH}"]
 DDP = ["trainer.devices=2", "trainer.strategy=ddp"]
-# Each method with what its recipe trains with (at micro scale); {weights} is a dense micro ViT file.
+# Each method with what its recipe trains with (at micro scale); {weights}/{teacher}: see the fixture.
 RECIPES = {
-    "dense": ["model.teacher=vit_micro_patch4_32", "model.teacher_weights={weights}", "model.distillation=hard"],
+    "dense": ["model.teacher=vit_micro_patch4_32", "model.teacher_weights={teacher}", "model.distillation=hard"],
     "tome": ["method=tome", "model.r=4"],
     "evit": ["method=evit", "model.keep_rate=0.5", "model.reduction_layers=[1]",
              "model.keep_rate_schedule={start_epoch: 0, shrink_epochs: 1}"],
@@ -38,11 +38,14 @@ def test_every_method_is_in_the_matrix() -> None:
 
 
 @pytest.fixture(scope="module")
-def dense_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def dense_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{weights}: a dense micro ViT of the student's depth; {teacher}: the named teacher as timm builds it."""
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "micro.pth"
-    torch.save(timm.create_model("vit_micro_patch4_32", num_classes=10, depth=2).state_dict(), path)
-    return path
+    folder = tmp_path_factory.mktemp("weights")
+    files = {"weights": folder / "micro.pth", "teacher": folder / "teacher.pth"}
+    torch.save(timm.create_model("vit_micro_patch4_32", num_classes=10, depth=2).state_dict(), files["weights"])
+    torch.save(timm.create_model("vit_micro_patch4_32", num_classes=10).state_dict(), files["teacher"])
+    return files
 
 
 def loaded_samples(log_dir: Path) -> dict[int, set[tuple[int, int, int]]]:
@@ -56,8 +59,9 @@ def loaded_samples(log_dir: Path) -> dict[int, set[tuple[int, int, int]]]:
 
 
 @pytest.mark.parametrize("method", list(RECIPES))
-def test_ddp_fit_matches_single_process_validation(method: str, tmp_path: Path, dense_weights: Path) -> None:
-    recipe = [a.replace("{weights}", str(dense_weights)) for a in RECIPES[method]]
+def test_ddp_fit_matches_single_process_validation(method: str, tmp_path: Path, dense_weights: dict[str, Path]) -> None:
+    recipe = [a.replace("{weights}", str(dense_weights["weights"])).replace("{teacher}", str(dense_weights["teacher"]))
+              for a in RECIPES[method]]
     log_dir = tmp_path / "samples"
     log_dir.mkdir()
     fit = leanvit_subprocess("fit", QUICKSTART, *COMMON, *DDP, *recipe, f"experiment={method}", cwd=tmp_path,

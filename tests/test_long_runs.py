@@ -78,7 +78,7 @@ def wait_for_step_checkpoint(victim: subprocess.Popen, last: Path, timeout: floa
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("mode", ["single", "ddp"])
+@pytest.mark.parametrize("mode", ["single", pytest.param("ddp", marks=pytest.mark.slow)])  # DDP: SIGTERM below
 def test_killed_mid_epoch_resumes_exactly(mode: str, tmp_path: Path, uninterrupted: dict[str, Path]) -> None:
     args = [*RANDOM, *(DDP if mode == "ddp" else [])]
     victim = start(tmp_path, *args)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import FAST, QUICKSTART, REPO, check_success, leanvit_subprocess, subprocess_env
@@ -24,6 +25,7 @@ def student_state(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow  # the mid-epoch kill tests (test_long_runs.py) cover it in make test
 def test_killed_run_resumes_exactly(tmp_path: Path) -> None:
     check_success(leanvit_subprocess("fit", QUICKSTART, *FAST, *RANDOM, "runs_dir=uninterrupted", cwd=tmp_path))
 
@@ -60,6 +62,7 @@ def test_killed_run_resumes_exactly(tmp_path: Path) -> None:
     assert len(list(run.glob("wandb/offline-run-*"))) == 2 and len(ids) == 1
 
 
+@pytest.mark.slow  # the DDP matrix (test_ddp_matrix.py) covers it, for every method, in make test
 def test_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
     check_success(leanvit_subprocess("fit", QUICKSTART, *FAST, "trainer.max_epochs=2", "trainer.accelerator=cpu",
                                      "trainer.devices=2", "trainer.strategy=ddp", cwd=tmp_path))
