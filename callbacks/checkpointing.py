@@ -5,8 +5,10 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 
 class CheckpointWriteError(OSError):
@@ -56,3 +58,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
+
+
+def at_last_training_batch(trainer: pl.Trainer) -> bool:
+    """The batch just trained is the epoch's last (validation and the epoch-end checkpoint come next)."""
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint for `every_n_train_steps` / `train_time_interval`, mid-epoch only.
+
+    At an epoch's last batch it writes nothing: the epoch-end checkpoint follows after validation, and Lightning
+    2.6 resumed from a checkpoint taken between the two marks the epoch done without starting the next one's
+    bookkeeping (a later mid-epoch checkpoint of that next epoch then resumes it from its first batch)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not at_last_training_batch(trainer):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -11,6 +11,7 @@ say how many steps and minutes were lost since the checkpoint it continues from.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,10 +21,12 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
+
+from callbacks.checkpointing import at_last_training_batch
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +66,47 @@ def requeue_slurm_job() -> bool:
     return done.returncode == 0
 
 
+_received = [0]  # the preemption signal this process got (0: none); set by the handler, read at step boundaries
+
+
+def _note_signal(signum: int, frame: Optional[FrameType]) -> None:
+    _received[0] = signum  # only a flag: the training loop acts at a step boundary
+
+
+@contextlib.contextmanager
+def preemption_signals(received: int = 0) -> Iterator[None]:
+    """Around `fit`: a SIGTERM/SIGUSR1 during start-up or a resume is remembered, not fatal (training then stops at
+    its first step boundary with a checkpoint); the previous handlers come back afterwards. `received`: a signal
+    the command caught before this (the CLI catches them from its first line)."""
+    _received[0] = received
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, _note_signal) for signum in PREEMPTION_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
 class Preemption(Callback):
     """Stop every rank at the next optimiser-step boundary after SIGTERM/SIGUSR1, with last.ckpt at that step."""
 
     def __init__(self, checkpoint: Path) -> None:
         self.checkpoint = Path(checkpoint)
-        self.received = 0
         self._previous: dict[int, Any] = {}
         self._last_step = -1
 
-    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-        self.received = signum  # only a flag: the training loop acts at a step boundary
+    @property
+    def received(self) -> int:
+        return _received[0]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after Lightning installed its own handlers (which would kill the other ranks at once)
         self._last_step = trainer.global_step
         if threading.current_thread() is threading.main_thread():
             for signum in PREEMPTION_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+                self._previous[signum] = signal.signal(signum, _note_signal)
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -98,6 +124,14 @@ class Preemption(Callback):
         if trainer.global_step == self._last_step:
             return  # mid-accumulation: not a step boundary
         self._last_step = trainer.global_step
+        if at_last_training_batch(trainer):
+            return  # the epoch's validation comes next: stop after it, with the epoch-end state (StepCheckpoint)
+        self._stop_if_signalled(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_if_signalled(trainer)
+
+    def _stop_if_signalled(self, trainer: pl.Trainer) -> None:
         if not trainer.strategy.reduce_boolean_decision(bool(self.received), all=False):
             return
         trainer.save_checkpoint(self.checkpoint)  # every rank calls it: it synchronises them

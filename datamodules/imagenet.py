@@ -82,17 +82,23 @@ class ResumableLoader(DataLoader):
     checkpoint it starts at the next batch of the same epoch order (`EpochSampler.skip`); the data order is a
     pure function of (seed, epoch, position), so the resumed run sees exactly the batches it would have."""
 
-    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int, int]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.progress = progress
 
     def state_dict(self) -> dict[str, int]:
-        epoch, batches = self.progress()
-        return {"epoch": epoch, "batches": batches}
+        epoch, batches, epoch_batches = self.progress()
+        return {"epoch": epoch, "batches": batches, "epoch_batches": epoch_batches}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         sampler = self.sampler
-        if isinstance(sampler, EpochSampler) and state.get("epoch") == sampler.epoch and self.batch_size:
+        if not isinstance(sampler, EpochSampler) or state.get("epoch") != sampler.epoch or not self.batch_size:
+            return
+        if state["batches"] >= state.get("epoch_batches", float("inf")):
+            # written after the epoch's last training batch (before its validation): Lightning will not create
+            # another iterator before the next epoch, so this first one must already be the next epoch's
+            sampler.set_epoch(sampler.epoch + 1)
+        else:
             sampler.skip(int(state["batches"]) * self.batch_size)
 
 
@@ -187,12 +193,13 @@ class ImageDataModule(pl.LightningDataModule):
         return ResumableLoader(self.datasets["train"], batch_size=self.batch_size, sampler=sampler, drop_last=True,
                                progress=self._train_progress, **self._loader_kwargs())
 
-    def _train_progress(self) -> tuple[int, int]:
-        """(epoch, batches of it trained) as the trainer counts them when a checkpoint is written."""
+    def _train_progress(self) -> tuple[int, int, int]:
+        """(epoch, batches of it trained, batches it has) as the trainer counts them when a checkpoint is written."""
         trainer = self.trainer
         if trainer is None:
-            return 0, 0
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            return 0, 0, 0
+        return (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                int(trainer.num_training_batches))
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

@@ -22,6 +22,13 @@ DIVERGED_EXIT = 3  # a non-finite loss stopped training
 LAUNCHER_ENV = "LEANVIT_LAUNCHER_PID"  # the process that started this rank (Lightning's DDP launcher = rank 0)
 
 
+_EARLY_SIGNALS: list[int] = []  # SIGTERM/SIGUSR1 that reached `fit` before its heavy imports (see main)
+
+
+def _note_early_signal(signum: int, frame: Any) -> None:
+    _EARLY_SIGNALS.append(signum)
+
+
 def _error(message: str) -> int:
     print(f"leanvit: error: {message}", file=sys.stderr)
     return 2
@@ -163,6 +170,7 @@ def make_callbacks(cfg: dict[str, Any], run: Run, command: str) -> list[Any]:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from callbacks import CALLBACKS, ReseedEachBatch
+    from callbacks.checkpointing import StepCheckpoint
     from callbacks.preemption import Heartbeat, Preemption
     from experiments.config import CheckpointConfig, dataclass_from
 
@@ -178,7 +186,7 @@ def make_callbacks(cfg: dict[str, Any], run: Run, command: str) -> list[Any]:
             if ckpt.every_n_train_steps or ckpt.train_time_interval:
                 # mid-epoch last.ckpt (one ModelCheckpoint cannot trigger on both epochs and steps)
                 interval = timedelta(seconds=ckpt.train_time_interval) if ckpt.train_time_interval else None
-                callbacks.append(ModelCheckpoint(
+                callbacks.append(StepCheckpoint(
                     dirpath=run.dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
                     every_n_train_steps=ckpt.every_n_train_steps, train_time_interval=interval,
                     save_on_train_epoch_end=False, enable_version_counter=False, auto_insert_metric_name=False))
@@ -260,11 +268,19 @@ def load_checked(config: str, overrides: list[str], extra_top_level: Optional[di
 
 
 def run_trainer_command(command: str, config: str, overrides: list[str]) -> int:
+    cfg = load_checked(config, overrides)
+    if command == "fit":
+        from callbacks.preemption import preemption_signals
+
+        with preemption_signals(received=_EARLY_SIGNALS[-1] if _EARLY_SIGNALS else 0):
+            return run_checked_command(command, cfg)
+    warn_if_untrained(cfg, command)
+    return run_checked_command(command, cfg)
+
+
+def run_checked_command(command: str, cfg: dict[str, Any]) -> int:
     import pytorch_lightning as pl
 
-    cfg = load_checked(config, overrides)
-    if command != "fit":
-        warn_if_untrained(cfg, command)
     run = prepare_run(cfg, command)
     pl.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
     module, datamodule = build_objects(cfg, resuming=run.resume_ckpt is not None, command=command)
@@ -483,7 +499,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("out", help="output folder")
     p.add_argument("--dataset", default="digits", choices=["digits", "digits_canvas", "mnist"])
     args = parser.parse_args(argv)
+    previous: dict[int, Any] = {}
+    if args.command == "fit":
+        # a preemption signal during the imports and set-up must not kill a run before it can checkpoint: note
+        # it here (stdlib only), `fit` stops at its first step boundary (callbacks/preemption.py)
+        import signal
+        import threading
 
+        _EARLY_SIGNALS.clear()
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, _note_early_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return run_command(args)
+    finally:
+        import signal
+
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def run_command(args: argparse.Namespace) -> int:
     from experiments.benchmark import benchmark_command
     from experiments.config import ConfigError
 

@@ -217,3 +217,37 @@ def test_resume_auto_in_a_job_continues_that_jobs_run_only(in_tmp: Path, monkeyp
     assert torch.load(runs / "job_123" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
     assert torch.load(runs / "job_124" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
     assert sorted(p.name for p in runs.iterdir()) == ["job_123", "job_124"]
+
+
+def signal_after_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """As if SIGTERM arrived right after optimiser step `step` (the flag the signal handler sets)."""
+    import callbacks.preemption as preemption
+    from lightning_modules import METHODS
+
+    original = METHODS["dense"].optimizer_step
+
+    def optimizer_step(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if self.global_step == step:
+            preemption._received[0] = signal.SIGTERM
+
+    monkeypatch.setattr(METHODS["dense"], "optimizer_step", optimizer_step)
+
+
+def test_preempted_at_an_epochs_last_batch_then_mid_epoch_resumes_exactly(in_tmp: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bug: a checkpoint taken after an epoch's last batch (before its validation) made Lightning skip the
+    next epoch's start bookkeeping, so a later mid-epoch checkpoint of that epoch resumed at its first batch."""
+    batches = 8
+    args = [*FAST, "trainer.max_epochs=3", f"trainer.limit_train_batches={batches}", "trainer.limit_val_batches=2",
+            "checkpoint.every_n_train_steps=3", "model.mixup=0.8", "model.cutmix=1.0", "model.drop_path_rate=0.1"]
+    assert leanvit("fit", QUICKSTART, *args, "version=reference") == 0
+    runs = in_tmp / "runs" / "digits" / "dense"
+    for stop in (batches - 1, batches + 1):  # flagged at the last batch of epoch 0, then at batch 2 of epoch 1
+        with monkeypatch.context() as patch:
+            signal_after_step(patch, stop)
+            assert leanvit("fit", QUICKSTART, *args, "version=preempted", "resume=auto") == 75
+    assert torch.load(runs / "preempted" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == batches + 2
+    assert leanvit("fit", QUICKSTART, *args, "version=preempted", "resume=auto") == 0
+    reference, preempted = weights(runs / "reference"), weights(runs / "preempted")
+    assert all(torch.equal(reference[k], preempted[k]) for k in reference)
