@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -18,13 +19,54 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from datamodules.sampling import EpochSampler, EvalSampler, SeededSamples
+from datamodules.sampling import EpochSampler, EvalSampler, SeededSamples, epoch_length
 
 log = logging.getLogger(__name__)
 
 
-class UnreadableImageError(RuntimeError):
+class DataError(ValueError):
+    """A problem with the user's data (a file, a folder, a setting that does not fit the data): reported as one
+    line naming it, wherever in a run it is found (also from a loader worker)."""
+
+
+class UnreadableImageError(DataError):
     """An image file that PIL cannot decode; the message names the file."""
+
+
+WHITE = (255, 255, 255)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, by its meaning rather than its bytes.
+
+    - 16-bit and 32-bit integer grey (`I;16*`, `I`: a 16-bit PNG) is rescaled from 0..65535 to 0..255 (PIL's
+      `convert("RGB")` clips it, collapsing every grey level above 255 to white); float grey (`F`) is taken
+      as 0..1 when its values lie there, else as 0..255.
+    - Transparency (RGBA, LA, a palette or grey image with a transparent colour) is composited over white,
+      as an image viewer shows it (`convert("RGB")` keeps whatever colour the transparent pixels hold).
+    - Grey, palette, CMYK and YCbCr go through PIL's own conversion.
+    """
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        pixels = np.asarray(image, dtype=np.float64)  # (H, W)
+        if image.mode == "F":
+            scale = 255.0 if pixels.size and np.nanmax(pixels) <= 1.0 else 1.0
+        else:
+            scale = 255.0 / 65535.0
+        grey = np.clip(np.rint(np.nan_to_num(pixels) * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """An image file as 8-bit RGB (`to_rgb`); a decoding failure raises PIL's own error."""
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        image.load()
+        return to_rgb(image)
 
 
 def check_image_folder(split_dir: Path) -> None:
@@ -61,8 +103,7 @@ class ImageFolderDataset(ImageFolder):
         for _ in range(len(self.samples)):
             path, target = self.samples[index]
             try:
-                with open(path, "rb") as f:
-                    image = Image.open(f).convert("RGB")
+                image = load_rgb(path)
             except (OSError, UnidentifiedImageError, ValueError) as err:
                 if not self.skip_unreadable:
                     raise UnreadableImageError(
@@ -74,6 +115,29 @@ class ImageFolderDataset(ImageFolder):
                 continue
             return self.transform(image), target
         raise UnreadableImageError(f"data: no readable image in {self.root}")
+
+
+def check_pipeline(*, img_size: int, batch_size: int, eval_batch_size: Optional[int], num_workers: int,
+                   repeated_aug: int, re_prob: float, hflip: float, color_jitter: float, scale: tuple[float, ...],
+                   crop_pct: float, std: tuple[float, ...]) -> None:
+    """Values no data pipeline can run with -> a DataError naming the `data.` key and what it expects."""
+    def need(ok: bool, key: str, value: Any, expected: str) -> None:
+        if not ok:
+            raise DataError(f"data.{key}: expected {expected}, got {value!r}")
+
+    need(img_size >= 1, "img_size", img_size, "a positive number of pixels")
+    need(batch_size >= 1, "batch_size", batch_size, "a positive number of images per process")
+    need(eval_batch_size is None or eval_batch_size >= 1, "eval_batch_size", eval_batch_size,
+         "a positive number of images (or null: batch_size)")
+    need(num_workers >= 0, "num_workers", num_workers, "0 (load in the main process) or more worker processes")
+    need(repeated_aug >= 0, "repeated_aug", repeated_aug, "0 (off) or the number of copies of each image, e.g. 3")
+    for key, value in (("re_prob", re_prob), ("hflip", hflip)):
+        need(0.0 <= value <= 1.0, key, value, "a probability in [0, 1]")
+    need(color_jitter >= 0, "color_jitter", color_jitter, "0 (off) or a positive strength")
+    need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "scale", list(scale),
+         "[min, max] area fractions with 0 < min <= max <= 1")
+    need(0 < crop_pct <= 1, "crop_pct", crop_pct, "a fraction in (0, 1]")
+    need(len(std) == 3 and all(v > 0 for v in std), "std", list(std), "three positive numbers")
 
 
 class ResumableLoader(DataLoader):
@@ -134,6 +198,9 @@ class ImageDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        check_pipeline(img_size=img_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                       num_workers=num_workers, repeated_aug=repeated_aug, re_prob=re_prob, hflip=hflip,
+                       color_jitter=color_jitter, scale=tuple(scale), crop_pct=crop_pct, std=tuple(std))
         self.img_size = img_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -172,6 +239,17 @@ class ImageDataModule(pl.LightningDataModule):
             return
         train, val, test, self.classes = self.build_splits()
         self.datasets = {"train": SeededSamples(train, self.seed), "val": val, "test": test}
+
+    def check_training_batches(self, world_size: int) -> None:
+        """A training set that gives no full batch would end `fit` at once, "successfully": refuse it."""
+        self.setup("fit")
+        images = len(self.datasets["train"])  # type: ignore[arg-type]
+        per_rank = epoch_length(images, world_size, max(self.repeated_aug, 1))
+        if per_rank < self.batch_size:
+            procs = f"{world_size} processes" if world_size > 1 else "1 process"
+            raise DataError(f"data.batch_size: {self.batch_size} is more than the {per_rank} training samples an epoch "
+                            f"gives each process ({images} images, {procs}): no training batch at all (the last "
+                            f"partial batch is dropped); use data.batch_size <= {per_rank}")
 
     def _loader_kwargs(self) -> dict[str, Any]:
         return dict(num_workers=self.num_workers, pin_memory=self.pin_memory,

@@ -94,11 +94,40 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")  # what `autocast` (callbacks/throughput.py) runs
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_benchmark_options(cfg: dict[str, Any]) -> None:
+    """The benchmark's own options -> one line naming the bad one."""
+    from experiments.config import ConfigError
+
+    precision = str(cfg.get("precision") or "32")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision: expected one of {', '.join(PRECISIONS)}, got {cfg['precision']!r}")
+    device = str(cfg.get("device") or "auto")
+    if device not in DEVICES:
+        raise ConfigError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda, but torch sees no GPU on this machine (torch.cuda.is_available() is False)")
+    for key, low in (("batch_sizes", 1), ("warmup", 0), ("repeats", 1)):
+        values = cfg.get(key)
+        values = values if isinstance(values, list) else [values]
+        bad = [v for v in values if v is not None and v < low]
+        if bad or (key == "batch_sizes" and cfg.get(key) == []):
+            raise ConfigError(f"{key}: expected {'sizes' if key == 'batch_sizes' else 'a count'} >= {low}, "
+                              f"got {cfg.get(key)!r}")
+    depth = cfg.get("avit_depth")
+    if depth is not None and not 0 < depth <= 1:
+        raise ConfigError(f"avit_depth: expected a fraction of the blocks in (0, 1], got {depth!r}")
+
+
 def benchmark_command(config: str, overrides: list[str]) -> int:
     """The `leanvit benchmark` command."""
     from experiments.cli import build_objects, load_checked
 
     cfg = load_checked(config, overrides, BENCHMARK_KEYS)
+    check_benchmark_options(cfg)
     cfg["model"] = dict(cfg.get("model") or {}, pretrained=False)  # speed needs no hub weights
     torch.manual_seed(cfg.get("seed", 0))
     module, _ = build_objects(cfg, resuming=False, command="benchmark")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -40,9 +41,10 @@ class Run:
 
     experiment: str
     dir: Path
-    resume_ckpt: Optional[Path]
+    resume_ckpt: Optional[Path]  # fit: the checkpoint it continues; validate/test: the checkpoint evaluated
     wandb_id: Optional[str]
     rank_zero: bool
+    resume_step: Optional[int] = None  # the resumed checkpoint's global step
 
 
 def experiment_name(cfg: dict[str, Any]) -> str:
@@ -66,8 +68,14 @@ def global_rank() -> int:
 def pinned_run_dir(cfg: dict[str, Any], experiment_dir: Path) -> Optional[Path]:
     """The run directory a command is tied to without searching: `version=`, or the job id of a torchrun or
     SLURM job (every rank of a job starts at once and must agree; a requeued SLURM job keeps its id)."""
+    from experiments.config import ConfigError
+
     if cfg.get("version"):
         return experiment_dir / str(cfg["version"])
+    if os.environ.get("TORCHELASTIC_RUN_ID") == "none" and not os.environ.get("SLURM_JOB_ID"):
+        # torchrun without --rdzv-id: every launch would share runs/<experiment>/job_none
+        raise ConfigError("torchrun: no --rdzv-id, so this launch has no job id of its own to name its run "
+                          "directory; add --rdzv-id=JOB (or --standalone on one node), or pass version=NAME")
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
     if job:
         return experiment_dir / f"job_{job}"
@@ -92,52 +100,173 @@ def find_resume(resume: str, experiment_dir: Path, pinned: Optional[Path] = None
         return found[-1]
     path = Path(resume)
     if path.is_dir():
+        if not (path / "checkpoints").is_dir() and not (path / "config.yaml").is_file():
+            raise ConfigError(f"resume: {str(path)!r} is not a run directory (no config.yaml, no checkpoints/)")
         path = path / "checkpoints" / "last.ckpt"
     if not path.is_file():
         raise ConfigError(f"resume: no such checkpoint {str(path)!r}")
     return path
 
 
+def checkpoint_step(path: Path) -> int:
+    """A checkpoint's global step, read without unpickling objects; an unreadable file (truncated, not a
+    checkpoint) -> one line naming it and the run's other checkpoints to use instead."""
+    import torch
+
+    from experiments.config import ConfigError
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise ValueError("no state_dict: not a Lightning checkpoint")
+        return int(ckpt.get("global_step", 0))
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        others = sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: -p.stat().st_mtime)
+        instead = (f"; the run's other checkpoints, newest first: {', '.join(map(str, others))} (resume=FILE)"
+                   if others else "")
+        raise ConfigError(f"resume: cannot read {path} (truncated or not a checkpoint: {first}){instead}") from err
+
+
+# What a resumed run may not change: the checkpoint's weights would not fit, or would train another model.
+ARCHITECTURE_KEYS = ("method", "model.backbone", "model.backbone_kwargs", "model.num_classes", "model.img_size",
+                     "model.reduction_layers")
+# Keys that say how a command was started, not what the run is.
+INVOCATION_KEYS = ("resume", "version", "config_path", "logger.wandb.id")
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(cfg, dict) and cfg:
+        return {k: v for key, value in cfg.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: cfg} if prefix else {}
+
+
+def config_changes(saved: dict[str, Any], cfg: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Leaf keys whose value differs between a run's saved config and this command's -> (saved, now)."""
+    a, b = flatten(saved), flatten(cfg)
+    skip = lambda k: any(k == i or k.startswith(i + ".") for i in INVOCATION_KEYS)  # noqa: E731
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not skip(k) and a.get(k) != b.get(k)}
+
+
+def check_same_model(saved: dict[str, Any], cfg: dict[str, Any], run_dir: Path) -> None:
+    """A resume whose config builds another model than the run's refuses, naming the keys."""
+    from experiments.config import ConfigError
+    from experiments.recipes import effective
+
+    try:
+        before, now = flatten(effective(saved)), flatten(effective(cfg))
+    except KeyError:  # the saved run's method is not known any more: compare as written
+        before, now = flatten(saved), flatten(cfg)
+
+    def arch(flat: dict[str, Any]) -> dict[str, Any]:  # the architecture's leaves; an empty section is none
+        return {k: v for k, v in flat.items() if v != {} and any(k == a or k.startswith(a + ".") for a in ARCHITECTURE_KEYS)}
+
+    a, b = arch(before), arch(now)
+    changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if changed:
+        raise ConfigError(f"resume: {run_dir} trained another model ({'; '.join(changed)}); resume with the run's "
+                          f"own config ({run_dir}/config.yaml), or start a new run without resume=")
+
+
 def prepare_run(cfg: dict[str, Any], command: str) -> Run:
-    """Pick (or recover) the run directory; every DDP rank must agree on it."""
+    """Pick (or recover) the run directory; every DDP rank must agree on it. Nothing is created yet
+    (`create_run_dir`): a command that fails before its run starts leaves nothing behind."""
     import yaml
+
+    from experiments.config import ConfigError
 
     experiment = experiment_name(cfg)
     experiment_dir = Path(cfg.get("runs_dir") or "runs") / experiment
     rank_zero = global_rank() == 0
-    resume_ckpt = None
+    launched = not rank_zero and os.environ.get(RUN_DIR_ENV)  # a DDP rank started by rank 0 (Lightning's launcher)
+    resume_ckpt, resume_step = None, None
     if not rank_zero and RESUME_ENV in os.environ:  # the rank-0 process decided (resume=auto must agree)
         resume_ckpt = Path(os.environ[RESUME_ENV]) if os.environ[RESUME_ENV] else None
     elif cfg.get("resume") and command == "fit":
         resume_ckpt = find_resume(str(cfg["resume"]), experiment_dir, pinned_run_dir(cfg, experiment_dir))
+    elif cfg.get("resume"):
+        if str(cfg["resume"]) == "auto":
+            raise ConfigError(f"resume=auto: only for fit; {command} evaluates resume=RUN_DIR|last|FILE.ckpt")
+        resume_ckpt = find_resume(str(cfg["resume"]), experiment_dir)
+    if resume_ckpt is not None and rank_zero:
+        resume_step = checkpoint_step(resume_ckpt)
     os.environ[RESUME_ENV] = str(resume_ckpt or "")
     wandb_id = (cfg.get("logger") or {}).get("wandb", {}).get("id")
-    if resume_ckpt is not None:
+    if resume_ckpt is not None and command == "fit":
         run_dir = resume_ckpt.parent.parent
         saved = run_dir / "config.yaml"
-        if saved.is_file() and not wandb_id:
-            wandb_id = ((yaml.safe_load(saved.read_text()) or {}).get("logger") or {}).get("wandb", {}).get("id")
-    elif not rank_zero and os.environ.get(RUN_DIR_ENV):
+        if saved.is_file():
+            saved_cfg = yaml.safe_load(saved.read_text()) or {}
+            if rank_zero:
+                check_same_model(saved_cfg, cfg, run_dir)
+            if not wandb_id:
+                wandb_id = (saved_cfg.get("logger") or {}).get("wandb", {}).get("id")
+    elif launched:
         run_dir = Path(os.environ[RUN_DIR_ENV])
     elif (pinned := pinned_run_dir(cfg, experiment_dir)) is not None:
         run_dir = pinned
+        if rank_zero and holds_run(run_dir) and not (command == "fit" and cfg.get("resume") == "auto"):
+            raise ConfigError(f"version: {run_dir} holds a run already and is never overwritten; continue it with "
+                              f"resume={run_dir}, or start a new run with another version=NAME (or none)")
     else:
         taken = [int(p.name.split("_")[1]) for p in experiment_dir.glob("version_*") if p.name.split("_")[1].isdigit()]
         run_dir = experiment_dir / f"version_{max(taken, default=-1) + 1}"
     os.environ[RUN_DIR_ENV] = str(run_dir)
     if rank_zero:
         os.environ[LAUNCHER_ENV] = str(os.getpid())
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if wandb_id is None and rank_zero and (cfg.get("logger") or {}).get("wandb", {}).get("enabled"):
         wandb_id = uuid.uuid4().hex[:12]  # W&B run ids: lowercase letters and digits
-    return Run(experiment, run_dir, resume_ckpt, wandb_id, rank_zero)
+    return Run(experiment, run_dir, resume_ckpt, wandb_id, rank_zero, resume_step)
+
+
+def holds_run(run_dir: Path) -> bool:
+    """A run directory with anything in it (an empty folder made by hand may be used)."""
+    return run_dir.is_dir() and any(run_dir.iterdir())
+
+
+def create_run_dir(run: Run) -> bool:
+    """Create the run directory (rank 0); True when this command created it (and may remove it on failure)."""
+    from experiments.config import ConfigError
+
+    if not run.rank_zero:
+        return False
+    created = not run.dir.exists()
+    try:
+        (run.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = run.dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"runs_dir: cannot create or write the run directory {run.dir}: "
+                          f"{err.strerror or err}") from err
+    return created
+
+
+def remove_if_unused(run_dir: Path, runs_dir: Path) -> None:
+    """After a failed command: remove the run directory it created unless training left something in it (a
+    checkpoint, results, or progress: the logs of a run that diverged are worth keeping)."""
+    if not run_dir.is_dir():
+        return
+    kept = [p for p in run_dir.rglob("*") if p.is_file() and (p.suffix == ".ckpt" or p.name.startswith("results_")
+                                                             or p.name == "progress.json")]
+    if not kept:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in run_dir.parents:  # and the experiment folders it was the first run of
+            if parent == runs_dir or not parent.is_relative_to(runs_dir) or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
 
 def resolve_trainer(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
     """`precision: auto` -> bf16-mixed on a GPU that has bf16, else 32-true."""
     import torch
 
+    from experiments.config import ConfigError
+
     kwargs = dict(trainer_cfg)
+    if str(kwargs.get("accelerator", "auto")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator: {kwargs['accelerator']}, but torch sees no GPU on this machine "
+                          f"(torch.cuda.is_available() is False); use trainer.accelerator=auto or cpu")
     if kwargs.get("precision", "auto") == "auto":
         gpu = torch.cuda.is_available() and kwargs.get("accelerator", "auto") in ("auto", "gpu", "cuda")
         kwargs["precision"] = "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
@@ -181,6 +310,10 @@ def make_callbacks(cfg: dict[str, Any], run: Run, command: str) -> list[Any]:
         # was saved, and a resume must always find the latest epoch.
         common = dict(dirpath=run.dir / "checkpoints", every_n_epochs=ckpt.every_n_epochs,
                       enable_version_counter=False, auto_insert_metric_name=False)
+        if ckpt.save_best and ckpt.monitor is not None:
+            # before last.ckpt's callback: last.ckpt stores this tracker's state, which must include this epoch
+            callbacks.append(ModelCheckpoint(filename="best", monitor=ckpt.monitor, mode=ckpt.mode, save_top_k=1,
+                                             **common))
         if ckpt.save_last:
             callbacks.append(ModelCheckpoint(filename="last", monitor=None, save_top_k=1, **common))
             if ckpt.every_n_train_steps or ckpt.train_time_interval:
@@ -192,9 +325,6 @@ def make_callbacks(cfg: dict[str, Any], run: Run, command: str) -> list[Any]:
                     save_on_train_epoch_end=False, enable_version_counter=False, auto_insert_metric_name=False))
         callbacks += [Preemption(run.dir / "checkpoints" / "last.ckpt"),
                       Heartbeat(run.dir / "progress.json", ckpt.progress_interval)]
-        if ckpt.save_best and ckpt.monitor is not None:
-            callbacks.append(ModelCheckpoint(filename="best", monitor=ckpt.monitor, mode=ckpt.mode, save_top_k=1,
-                                             **common))
     for name, settings in (cfg.get("callbacks") or {}).items():
         if settings is None or settings is False:
             continue
@@ -204,7 +334,8 @@ def make_callbacks(cfg: dict[str, Any], run: Run, command: str) -> list[Any]:
 
 def build_objects(cfg: dict[str, Any], resuming: bool, command: str) -> tuple[Any, Any]:
     """The LightningModule and DataModule (and, for `fit`, the teacher); construction errors (a missing file,
-    a bad value, a teacher without weights) become one line before any work starts."""
+    a bad value, a teacher without weights, data that does not fit the model) become one line before any work
+    starts."""
     from datamodules import DATAMODULES
     from experiments.config import ConfigError
     from lightning_modules import METHODS
@@ -217,28 +348,64 @@ def build_objects(cfg: dict[str, Any], resuming: bool, command: str) -> tuple[An
             backbone, model_cfg.get("teacher"), model_cfg.get("weights"), model_cfg.get("teacher_weights"))
         model_cfg.update(pretrained=False, weights=None)
     try:
-        module = METHODS[cfg["method"]](**model_cfg)
         datamodule = DATAMODULES[cfg.get("datamodule", "embedded")](**(cfg.get("data") or {}))
+        module = METHODS[cfg["method"]](**model_cfg)
+        if command in ("fit", "validate", "test"):
+            datamodule.setup(command)  # reads the data set: a missing or misshapen folder is reported now
+            check_model_fits_data(module, datamodule)
         if command == "fit":
             module.prepare_teacher()
     except (ValueError, FileNotFoundError, ImportError) as err:
         raise ConfigError(str(err).splitlines()[0]) from err
     except (OSError, RuntimeError) as err:
-        if model_cfg.get("pretrained") or model_cfg.get("teacher"):
-            raise ConfigError(f"model: could not load pretrained weights ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}); offline? use model.weights=FILE") from err
+        first = str(err).splitlines()[0] if str(err) else ""
+        if model_cfg.get("weights") is None and (model_cfg.get("pretrained") or model_cfg.get("teacher")):
+            raise ConfigError(f"model: could not load pretrained weights ({type(err).__name__}: {first}); "
+                              f"offline? use model.weights=FILE") from err
         raise
     return module, datamodule
 
 
+def check_model_fits_data(module: Any, datamodule: Any) -> None:
+    """The model's input size and classes against what the data gives."""
+    from experiments.config import ConfigError
+
+    embed = module.student.vit.patch_embed
+    if embed.img_size is not None and getattr(embed, "strict_img_size", True):
+        if tuple(embed.img_size) != (datamodule.img_size, datamodule.img_size):
+            raise ConfigError(f"data.img_size: {datamodule.img_size} px images for a model built for "
+                              f"{embed.img_size[0]} px (model.img_size); set both to the same size")
+    classes = len(getattr(datamodule, "classes", []) or [])
+    if classes > module.num_classes:
+        raise ConfigError(f"model.num_classes: {module.num_classes}, but the data has {classes} classes; set "
+                          f"model.num_classes={classes}")
+
+
 def write_config(cfg: dict[str, Any], run: Run) -> None:
+    """The run's `config.yaml`. A resume whose config changes keys (e.g. `trainer.max_epochs`) keeps the earlier
+    file as `config_history/<n>.yaml` and says what changed: a run's config is never silently rewritten."""
+    import yaml
     from omegaconf import OmegaConf
 
     cfg = dict(cfg)
     if run.wandb_id:
         cfg["logger"] = dict(cfg.get("logger") or {})
         cfg["logger"]["wandb"] = dict(cfg["logger"].get("wandb") or {}, id=run.wandb_id)
-    OmegaConf.save(OmegaConf.create(cfg), run.dir / "config.yaml")
+    path = run.dir / "config.yaml"
+    if path.is_file():
+        changes = config_changes(yaml.safe_load(path.read_text()) or {}, cfg)
+        if not changes:
+            return
+        history = run.dir / "config_history"
+        history.mkdir(exist_ok=True)
+        kept = history / f"{len(list(history.glob('*.yaml'))) + 1}.yaml"
+        shutil.copy2(path, kept)
+        shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:6])
+        print(f"leanvit: this command changes {shown}{' ...' if len(changes) > 6 else ''}; the run's earlier "
+              f"config is kept as {kept}", flush=True)
+    tmp = path.with_name(".config.yaml.tmp")
+    OmegaConf.save(OmegaConf.create(cfg), tmp)
+    os.replace(tmp, path)
 
 
 def summarise(metrics: dict[str, Any]) -> dict[str, float]:
@@ -281,11 +448,38 @@ def run_trainer_command(command: str, config: str, overrides: list[str]) -> int:
 def run_checked_command(command: str, cfg: dict[str, Any]) -> int:
     import pytorch_lightning as pl
 
+    from experiments.config import ConfigError
+
     run = prepare_run(cfg, command)
+    if run.resume_ckpt is not None and command != "fit" and run.rank_zero:
+        print(f"leanvit {command}: evaluating {run.resume_ckpt}", flush=True)
     pl.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
     module, datamodule = build_objects(cfg, resuming=run.resume_ckpt is not None, command=command)
+    trainer = make_trainer(cfg, run, command)
+    if command == "fit":
+        try:
+            datamodule.check_training_batches(trainer.world_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    created = create_run_dir(run)
+    failed = True
+    try:
+        status = run_in_dir(command, cfg, run, trainer, module, datamodule)
+        failed = status != 0
+        return status
+    finally:
+        if failed and created:
+            remove_if_unused(run.dir, Path(cfg.get("runs_dir") or "runs"))
+
+
+def make_trainer(cfg: dict[str, Any], run: Run, command: str) -> Any:
+    """The Trainer with leanvit's loggers, callbacks and checkpoint IO; a setting Lightning refuses (a device
+    that is not there, a negative epoch count) -> one line naming the trainer key."""
+    import pytorch_lightning as pl
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     from callbacks import AtomicCheckpointIO
+    from experiments.config import ConfigError
 
     plugins: list[Any] = [AtomicCheckpointIO()]
     if os.environ.get("SLURM_JOB_ID"):
@@ -293,18 +487,43 @@ def run_checked_command(command: str, cfg: dict[str, Any]) -> int:
 
         if SLURMEnvironment.detect():  # leanvit's Preemption callback requeues; Lightning's would kill the ranks
             plugins.append(SLURMEnvironment(auto_requeue=False))
-    trainer = pl.Trainer(
-        **resolve_trainer(cfg.get("trainer") or {}),
-        logger=make_loggers(cfg, run) or False,
-        callbacks=make_callbacks(cfg, run, command),
-        plugins=plugins,
-        default_root_dir=str(run.dir),
-        enable_checkpointing=command == "fit",
-    )
-    if run.rank_zero:
+    trainer_cfg = resolve_trainer(cfg.get("trainer") or {})
+    try:
+        return pl.Trainer(
+            **trainer_cfg,
+            logger=make_loggers(cfg, run) or False,
+            callbacks=make_callbacks(cfg, run, command),
+            plugins=plugins,
+            default_root_dir=str(run.dir),
+            enable_checkpointing=command == "fit",
+        )
+    except (MisconfigurationException, ValueError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"trainer: {first} (trainer settings: "
+                          f"{', '.join(f'{k}={v}' for k, v in (cfg.get('trainer') or {}).items())})") from err
+
+
+def run_in_dir(command: str, cfg: dict[str, Any], run: Run, trainer: Any, module: Any, datamodule: Any) -> int:
+    from experiments.config import ConfigError
+
+    if run.rank_zero and (command != "fit" or run.resume_ckpt is None):
         write_config(cfg, run)
+    elif run.rank_zero:  # a resume records its config once it trains (resuming a finished run changes nothing)
+        from pytorch_lightning.callbacks import LambdaCallback
+
+        trainer.callbacks.append(LambdaCallback(on_train_start=lambda *_: write_config(cfg, run)))
+    from pytorch_lightning.loggers import WandbLogger
+
     for logger in trainer.loggers:
-        logger.log_hyperparams(cfg)
+        try:
+            logger.log_hyperparams(cfg)  # W&B starts its run here
+        except Exception as err:  # W&B's own checks: no API key, a bad WANDB_MODE or entity, ...
+            if not isinstance(logger, WandbLogger):
+                raise
+            lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()][:3]
+            raise ConfigError(f"logger.wandb: {'; '.join(lines) or type(err).__name__} (run `wandb login` or set "
+                              f"WANDB_API_KEY; or log offline with WANDB_MODE=offline or logger.wandb.offline=true)"
+                              ) from err
     started = time.time()
     try:
         results = run_stage(command, trainer, module, datamodule, run)
@@ -317,17 +536,31 @@ def run_checked_command(command: str, cfg: dict[str, Any]) -> int:
         return 0 if os.environ.get(LAUNCHER_ENV) == str(os.getppid()) else err.status
     finally:
         finish_wandb(trainer)
-    if run.rank_zero:
-        results["wall_seconds"] = round(time.time() - started, 1)
-        (run.dir / f"results_{command}.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-        if cfg.get("report"):
-            from experiments.report import write_report
+    if not run.rank_zero:
+        return 0
+    results_file = run.dir / f"results_{command}.json"
+    if command == "fit" and run.resume_step is not None and trainer.global_step == run.resume_step \
+            and results_file.is_file():
+        from pytorch_lightning.loggers import CSVLogger
 
-            write_report([run.dir], run.dir / "report")
-        shown = {k: v for k, v in results.items()
-                 if k.split("/")[0] in ("val", "test", "best") or k in ("throughput/speedup", "flops/gmacs")}
-        print(f"leanvit {command}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(shown.items()))
-              + f"  ({results['wall_seconds']:.0f} s; run dir {run.dir})")
+        for logger in trainer.loggers:  # this command's (new, empty) CSV log: the run is left as it was
+            if isinstance(logger, CSVLogger):
+                shutil.rmtree(logger.log_dir, ignore_errors=True)
+        print(f"leanvit fit: {run.dir} had finished (step {trainer.global_step}, epoch {trainer.current_epoch}); "
+              f"nothing to train, its results are kept; raise trainer.max_epochs to train on")
+        return 0
+    results["wall_seconds"] = round(time.time() - started, 1)
+    tmp = results_file.with_name(f".{results_file.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
+    os.replace(tmp, results_file)
+    if cfg.get("report"):
+        from experiments.report import write_report
+
+        write_report([run.dir], run.dir / "report")
+    shown = {k: v for k, v in results.items()
+             if k.split("/")[0] in ("val", "test", "best") or k in ("throughput/speedup", "flops/gmacs")}
+    print(f"leanvit {command}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(shown.items()))
+          + f"  ({results['wall_seconds']:.0f} s; run dir {run.dir})")
     return 0
 
 
@@ -372,6 +605,16 @@ def resume_report(run: Run) -> str:
 
 
 def run_stage(command: str, trainer: Any, module: Any, datamodule: Any, run: Run) -> dict[str, float]:
+    from datamodules.imagenet import DataError
+    from experiments.config import ConfigError
+
+    try:
+        return run_stage_unchecked(command, trainer, module, datamodule, run)
+    except DataError as err:  # a file found bad mid-run (a corrupt image): one line, exit 2
+        raise ConfigError(data_error_line(err)) from err
+
+
+def run_stage_unchecked(command: str, trainer: Any, module: Any, datamodule: Any, run: Run) -> dict[str, float]:
     if command == "fit":
         if run.resume_ckpt is not None and run.rank_zero:
             print(resume_report(run), flush=True)
@@ -391,11 +634,21 @@ def run_stage(command: str, trainer: Any, module: Any, datamodule: Any, run: Run
         best = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)), None)
         if best is not None and best.best_model_score is not None:
             results["best/" + best.monitor] = float(best.best_model_score)
-    elif command == "validate":
-        results = summarise(trainer.validate(module, datamodule=datamodule)[0])
     else:
-        results = summarise(trainer.test(module, datamodule=datamodule)[0])
+        evaluate = trainer.validate if command == "validate" else trainer.test
+        ckpt_path = str(run.resume_ckpt) if run.resume_ckpt else None
+        results = summarise(evaluate(module, datamodule=datamodule, ckpt_path=ckpt_path)[0])
     return results
+
+
+def data_error_line(err: Exception) -> str:
+    """A data error's own message, also when a loader worker raised it (PyTorch re-raises it in the main process
+    with the worker's traceback in the message: keep its last line, the error itself)."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if f"{type(err).__name__}: " in last else last
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 VISUALIZE_KEYS: dict[str, Any] = {"images": str, "out": str, "layers": Optional[list[int]]}
@@ -406,9 +659,8 @@ def visualize_command(config: str, overrides: list[str]) -> int:
     import glob
 
     import torch
-    from PIL import Image
-
     from callbacks.token_maps import save_figures
+    from datamodules.imagenet import load_rgb
     from experiments.config import ConfigError
 
     cfg = load_checked(config, overrides, VISUALIZE_KEYS)
@@ -423,7 +675,7 @@ def visualize_command(config: str, overrides: list[str]) -> int:
     module, datamodule = build_objects(cfg, resuming=False, command="visualize")
     transform = datamodule.eval_transform()
     try:
-        images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+        images = torch.stack([transform(load_rgb(p)) for p in paths])
     except OSError as err:
         raise ConfigError(f"images: cannot read an image: {err}") from err
     out = Path(cfg.get("out") or "token_maps")
@@ -447,7 +699,7 @@ def config_command(config: str, overrides: list[str]) -> int:
 def warn_if_untrained(cfg: dict[str, Any], command: str) -> None:
     """Evaluating or drawing a model that has no trained weights is almost always a mistake: say so."""
     model = cfg.get("model") or {}
-    if not model.get("pretrained") and not model.get("weights"):
+    if not model.get("pretrained") and not model.get("weights") and not cfg.get("resume"):
         print(f"leanvit {command}: warning: the model has no trained weights (model.pretrained is false and no "
               f"model.weights=FILE): its initialisation is evaluated", file=sys.stderr)
 

@@ -314,6 +314,11 @@ class AViTModule(ReductionModule):
         **shared: Any,
     ) -> None:
         super().__init__(**shared)
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"model.eps: expected a value in (0, 1) (a token halts when its cumulative score "
+                             f"reaches 1 - eps), got {eps!r}")
+        if gate_scale <= 0:
+            raise ValueError(f"model.gate_scale: expected a positive slope, got {gate_scale!r}")
         if prior_mean_over not in ("batch", "tokens"):
             raise ValueError(f"model.prior_mean_over: expected batch or tokens, got {prior_mean_over!r}")
         self.target_ponder_weight = ponder_weight

@@ -57,6 +57,28 @@ def default_teacher_weights(backbone: str, teacher: Optional[str], weights: Opti
     return teacher_weights
 
 
+def check_shared_args(hp: Any) -> None:
+    """Values no training can run with -> a ValueError naming the `model.` key and what it expects."""
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"model.{key}: expected {expected}, got {hp[key]!r}")
+
+    need(hp.num_classes >= 2, "num_classes", "2 classes or more")
+    need(hp.img_size is None or hp.img_size >= 1, "img_size", "a positive number of pixels (or null: the backbone's)")
+    need(hp.lr > 0, "lr", "a positive learning rate")
+    need(hp.lr_reference_batch is None or hp.lr_reference_batch >= 1, "lr_reference_batch",
+         "a positive batch size (lr x total batch / it) or null (lr as given)")
+    for key in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "mixup", "cutmix", "opt_eps"):
+        need(hp[key] >= 0, key, "a value >= 0")
+    for key in ("drop_path_rate", "drop_rate", "label_smoothing"):
+        need(0 <= hp[key] < 1, key, "a rate in [0, 1)")
+    for key in ("mixup_prob", "mixup_switch_prob", "distill_alpha"):
+        need(0 <= hp[key] <= 1, key, "a value in [0, 1]")
+    need(hp.distill_tau > 0, "distill_tau", "a positive temperature")
+    need(len(hp.betas) == 2 and all(0 <= b < 1 for b in hp.betas), "betas", "[beta1, beta2] in [0, 1)")
+    need(hp.ema_decay is None or 0 < hp.ema_decay < 1, "ema_decay", "a decay in (0, 1), e.g. 0.99996 (or null: no EMA)")
+
+
 class MeanVector(Metric):
     """Mean of a per-sample vector over every sample seen (all ranks): `(B, K)` updates -> `(K,)`."""
 
@@ -115,6 +137,7 @@ class ReductionModule(pl.LightningModule):
         super().__init__()
         # Plain containers only: the hyperparameters go into every checkpoint (read with weights_only=True).
         self.save_hyperparameters(logger=False)
+        check_shared_args(self.hparams)
         if distillation != "none" and teacher is None:
             raise ValueError("model.distillation: a teacher is needed (set model.teacher)")
         if distillation not in ("none", "soft", "hard"):

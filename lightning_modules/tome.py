@@ -11,6 +11,7 @@ forward calls (gradient checkpointing and `forward_features` work).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -24,6 +25,8 @@ from torch import Tensor
 from lightning_modules.base import ReductionModule
 from lightning_modules.trace import TokenTrace, TraceRecorder
 from lightning_modules.vit import ViTStudent
+
+log = logging.getLogger(__name__)
 
 RSchedule = Union[int, list[int]]
 
@@ -42,6 +45,28 @@ def parse_r(num_layers: int, r: RSchedule, inflect: float = 0.0) -> list[int]:
     high = 2 * r - low
     step = (high - low) / max(1, num_layers - 1)
     return [int(low + step * i) for i in range(num_layers)]
+
+
+def merges_done(rs: list[int], num_patches: int) -> list[int]:
+    """The merges each layer can do: ToMe caps a layer's r at half the mergeable tokens entering it."""
+    done, tokens = [], num_patches  # mergeable tokens (the protected prefix never merges)
+    for r in rs:
+        done.append(min(r, tokens // 2))
+        tokens -= done[-1]
+    return done
+
+
+def check_r(rs: list[int], num_patches: int, r: RSchedule) -> None:
+    """A negative r is an error; an r the tokens cannot give is capped (as the official ToMe does) with a warning."""
+    if isinstance(r, (list, tuple)) and len(r) > len(rs):
+        raise ValueError(f"model.r: {len(r)} values for a {len(rs)}-block model")
+    if any(v < 0 for v in rs):
+        raise ValueError(f"model.r: expected tokens to merge per block >= 0, got {r!r}")
+    done = merges_done(rs, num_patches)
+    if done != rs:
+        first = next(i for i, (a, b) in enumerate(zip(done, rs)) if a != b)
+        log.warning("model.r: %s asks more merges than the %d patch tokens allow from block %d on; capped as the "
+                    "official ToMe does, to %s", r, num_patches, first, done)
 
 
 @dataclass(frozen=True)
@@ -196,6 +221,7 @@ class ToMeStudent(ViTStudent):
         for block in vit.blocks:
             block.num_prefix = vit.num_prefix_tokens
             block.prop_attn = prop_attn
+        check_r(parse_r(self.depth, r, inflect), vit.patch_embed.num_patches, r)
 
     def layer_r(self) -> list[int]:
         rs = parse_r(self.depth, self.r, self.inflect)

@@ -53,6 +53,50 @@ def deit_micro_distilled_patch4_32(pretrained: bool = False, **kwargs: Any) -> V
                                 pretrained_filter_fn=checkpoint_filter_fn, **(_MICRO | kwargs))
 
 
+def _hub_reachable(url: str, timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname or "", parsed.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_hub_weights(name: str, key: str, local_key: str) -> None:
+    """Fail at once, naming the model and the way out, when timm's pretrained weights for `name` are not cached
+    and cannot be downloaded (offline): otherwise the hub client retries for about a minute and then reports a
+    connection problem that names no model. Unknown names and models without weights are left to timm."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+    from timm.models._hub import check_cached_file
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # an unknown name: timm.create_model says so
+        return
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        return
+    if cfg.hf_hub_id:
+        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str) for f in files):
+            return
+    if cfg.url and check_cached_file(cfg.url):
+        return
+    where = f"hf-hub:{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    elif not _hub_reachable(constants.ENDPOINT if cfg.hf_hub_id else str(cfg.url)):
+        why = "the hub cannot be reached from here"
+    else:
+        return
+    raise ValueError(f"{key}: the weights of {name} ({where}) are not in the local cache ({constants.HF_HUB_CACHE}) "
+                     f"and {why}; download them once where there is internet, or give a local file with "
+                     f"{local_key}=FILE")
+
+
 def create_vit(
     backbone: str,
     *,
@@ -66,6 +110,8 @@ def create_vit(
     """`timm.create_model` for a ViT, with the method's block class when given."""
     if img_size is not None:
         kwargs["img_size"] = img_size
+    if pretrained:
+        check_hub_weights(backbone, "model.pretrained", "model.weights")
     if block_fn is not None:
         kwargs["block_fn"] = block_fn
     try:
@@ -78,6 +124,12 @@ def create_vit(
         raise
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"backbone: {backbone!r} is a {type(model).__name__}, not a timm VisionTransformer")
+    embed = model.patch_embed
+    if not getattr(embed, "dynamic_img_pad", False) and embed.img_size is not None:
+        # (H, W) that the patch size does not divide: the convolution would silently drop the last pixels
+        if any(size % patch for size, patch in zip(embed.img_size, embed.patch_size)):
+            raise ValueError(f"model.img_size: {embed.img_size[0]} is not a multiple of {backbone}'s patch size "
+                             f"{embed.patch_size[0]}")
     return model
 
 
@@ -228,6 +280,11 @@ def load_weights(model: nn.Module, path: str | pathlib.Path) -> None:
 def _load_matching(model: nn.Module, state: dict[str, Tensor], path: str | pathlib.Path) -> None:
     target = model.state_dict()
     heads = {k for k in target if any(part in ("head", "head_dist", "fc", "classifier") for part in k.split(".")[-3:-1])}
+    resized = [k for k in state if k in target and k not in heads and state[k].shape != target[k].shape]
+    if resized:  # another width or patch size: a file for another model
+        shapes = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in resized[:3])
+        raise ValueError(f"weights: {str(path)!r} is for a model of another size than this backbone "
+                         f"(file vs model: {shapes}{' ...' if len(resized) > 3 else ''})")
     for name in [k for k in state if k in heads and state[k].shape != target[k].shape]:
         log.warning("weights: %s has shape %s in %s, %s in the model: left at its initialisation",
                     name, tuple(state[name].shape), path, tuple(target[name].shape))
@@ -267,6 +324,8 @@ def create_teacher(name: str, *, num_classes: int, img_size: Optional[int], weig
     is a ValueError that says it is the teacher and how to give it a local file."""
     timm_name = resolve_teacher_name(name, weights)
     pretrained = weights is None
+    if pretrained:
+        check_hub_weights(timm_name, "model.teacher", "model.teacher_weights")
     try:
         try:  # ViT teachers take the student's resolution; convnets (regnety_160) take no img_size
             teacher = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes,

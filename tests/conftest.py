@@ -62,13 +62,14 @@ def subprocess_env() -> dict[str, str]:
 
 
 def leanvit_subprocess(*args: str, cwd: Path, timeout: float = 600, script: Optional[Path] = None,
-                       env: Optional[dict[str, str]] = None, **kwargs: Any) -> subprocess.CompletedProcess:
+                       env: Optional[dict[str, Optional[str]]] = None, **kwargs: Any) -> subprocess.CompletedProcess:
     """The CLI in a fresh interpreter (needed for DDP: never launch ddp inside pytest), with its own free
     rendezvous port and a generous timeout (a loaded CI machine is slow). `script` runs a wrapper instead of
     `-m experiments.cli` (Lightning's DDP launcher re-runs the same command line for the other ranks)."""
     command = [sys.executable, str(script)] if script else [sys.executable, "-m", "experiments.cli"]
     try:
-        return subprocess.run([*command, *args], cwd=cwd, env=subprocess_env() | (env or {}), capture_output=True,
+        merged = {k: v for k, v in (subprocess_env() | (env or {})).items() if v is not None}  # None: unset it
+        return subprocess.run([*command, *args], cwd=cwd, env=merged, capture_output=True,
                               text=True, timeout=timeout, **kwargs)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"leanvit {' '.join(args)} timed out after {timeout} s\n--- stdout ---\n{err.stdout}\n"

@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 
-from conftest import FAST, QUICKSTART, REPO, check_success, leanvit_subprocess
+from conftest import FAST, QUICKSTART, REPO, check_success, leanvit, leanvit_subprocess
 
 EPOCHS, BATCHES, BATCH = 2, 4, 16
 COMMON = [*FAST, f"trainer.max_epochs={EPOCHS}", f"trainer.limit_train_batches={BATCHES}", "trainer.accelerator=cpu",
@@ -59,16 +59,19 @@ def loaded_samples(log_dir: Path) -> dict[int, set[tuple[int, int, int]]]:
 
 
 @pytest.mark.parametrize("method", list(RECIPES))
-def test_ddp_fit_matches_single_process_validation(method: str, tmp_path: Path, dense_weights: dict[str, Path]) -> None:
+def test_ddp_fit_matches_single_process_validation(method: str, tmp_path: Path, dense_weights: dict[str, Path],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = [a.replace("{weights}", str(dense_weights["weights"])).replace("{teacher}", str(dense_weights["teacher"]))
               for a in RECIPES[method]]
     log_dir = tmp_path / "samples"
     log_dir.mkdir()
-    fit = leanvit_subprocess("fit", QUICKSTART, *COMMON, *DDP, *recipe, f"experiment={method}", cwd=tmp_path,
+    # a named version: the rank rank 0 launches must not take the directory rank 0 just created for an earlier run
+    named = ["version=named"] if method == "dense" else []
+    fit = leanvit_subprocess("fit", QUICKSTART, *COMMON, *DDP, *recipe, *named, f"experiment={method}", cwd=tmp_path,
                              script=REPO / "tests" / "sample_probe.py", env={"LEANVIT_SAMPLE_LOG": str(log_dir)})
     check_success(fit)
     runs = sorted((tmp_path / "runs" / method).iterdir())
-    assert [r.name for r in runs] == ["version_0"]  # both ranks agreed on one run directory
+    assert [r.name for r in runs] == ["named" if named else "version_0"]  # both ranks agreed on one run directory
     run = runs[0]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == EPOCHS * BATCHES
@@ -87,8 +90,9 @@ def test_ddp_fit_matches_single_process_validation(method: str, tmp_path: Path, 
     assert max(len(c) for c in copies.values()) > 1
 
     fitted = json.loads((run / "results_fit.json").read_text())
-    check_success(leanvit_subprocess("validate", QUICKSTART, *COMMON, *recipe, f"experiment={method}_single",
-                                     f"model.weights={run / 'checkpoints' / 'last.ckpt'}", cwd=tmp_path))
+    monkeypatch.chdir(tmp_path)  # single-process validation runs in this process (no DDP here)
+    assert leanvit("validate", QUICKSTART, *COMMON, *recipe, f"experiment={method}_single",
+                   f"model.weights={run / 'checkpoints' / 'last.ckpt'}") == 0
     single = json.loads(next((tmp_path / "runs" / f"{method}_single").glob("*/results_validate.json")).read_text())
     # every validation image counted once on one of the ranks: the gathered metrics are the single-process ones
     assert fitted["val/acc1"] == pytest.approx(single["val/acc1"], abs=1e-6)
