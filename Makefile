@@ -21,7 +21,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(VENV)/bin/leanvit fit experiments/quickstart.yaml
+	$(PY) -m experiments.run_quickstart
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --durations=15

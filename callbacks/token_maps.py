@@ -1,9 +1,10 @@
 """Token maps: which patches a reduced ViT kept, merged, fused, pruned or halted, drawn from the token trace.
 
-One figure per image: the input; the token map entering selected blocks (pruned or halted patches greyed,
-patches that share a token filled with their group's mean colour inside white borders, as in the ToMe
-paper); each patch's depth (the blocks its token ran, A-ViT's halting-depth map); and the token count per
-block. Everything comes from `student(images, trace=True)`: no method-specific code.
+One figure per image: the input; the token maps that change (the layers where a reduction happened, at most
+four) - pruned or halted patches greyed, patches that share a token tinted with one distinct colour per group
+inside white borders; each patch's depth (the blocks its token ran: A-ViT's halting-depth map, drawn only when
+patches differ); the token count per block; and a legend. Everything comes from `student(images, trace=True)`:
+no method-specific code.
 """
 from __future__ import annotations
 
@@ -22,11 +23,22 @@ from callbacks.throughput import due_after_validation
 from lightning_modules.trace import TokenTrace
 
 GREY = np.array([0.55, 0.55, 0.55])
+# Group colours: saturated, far from grey and from each other (matplotlib's tab10 without its grey and olive),
+# drawn over the image at GROUP_ALPHA so a merged or fused group stands out on grey digits and photos alike.
+GROUP_COLOURS = np.array([(0.12, 0.47, 0.71), (1.0, 0.50, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16),
+                          (0.58, 0.40, 0.74), (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.09, 0.75, 0.81)])
+GROUP_ALPHA = 0.7
 
 
-def default_layers(depth: int) -> list[int]:
-    """Token maps entering a quarter, half and three quarters of the blocks, and leaving the last."""
-    return sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)} | {depth})
+def changing_layers(trace: TokenTrace, index: int, most: int = 4) -> list[int]:
+    """The token maps worth drawing for image `index`: the layers whose map differs from the one before
+    (a reduction happened), at most `most` of them spread evenly, the last change always included."""
+    changes = [layer for layer in range(1, trace.depth + 1)
+               if not torch.equal(trace.owner[layer][index], trace.owner[layer - 1][index])]
+    if len(changes) <= most:
+        return changes or [trace.depth]
+    picks = np.linspace(0, len(changes) - 1, most).round().astype(int)
+    return [changes[i] for i in sorted(set(picks))]
 
 
 def to_rgb(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -39,8 +51,9 @@ def to_rgb(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.nda
 def token_map(rgb: np.ndarray, owner: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """Draw one layer's token map. rgb: (H, W, 3); owner: (N0,) token of each patch or -1 -> (H, W, 3).
 
-    Patches no longer taking part are greyed; patches sharing a token are filled with their group's mean
-    colour and outlined in white; patches with a token of their own show the image.
+    Patches no longer taking part are greyed; patches sharing a token are tinted with their group's colour
+    (`GROUP_COLOURS`, by the group's token position) and outlined in white; patches with a token of their own
+    show the image.
     """
     gh, gw = grid
     H, W = rgb.shape[:2]
@@ -54,7 +67,8 @@ def token_map(rgb: np.ndarray, owner: np.ndarray, grid: tuple[int, int]) -> np.n
     grouped = np.zeros_like(gone)
     for value in values[counts > 1]:
         members = labels == value
-        out[members] = patches[members].mean(axis=(0, 1, 2))
+        colour = GROUP_COLOURS[int(value) % len(GROUP_COLOURS)]
+        out[members] = (1 - GROUP_ALPHA) * patches[members] + GROUP_ALPHA * colour
         grouped |= members
     image = out.transpose(0, 2, 1, 3, 4).reshape(gh * ph, gw * pw, 3)
     # white borders wherever a grouped patch meets a patch of another token
@@ -76,36 +90,46 @@ def patch_depth(trace: TokenTrace, index: int) -> np.ndarray:
 
 def token_map_figure(rgb: np.ndarray, trace: TokenTrace, index: int, layers: Optional[Sequence[int]] = None,
                      title: str = "", dpi: int = 100) -> Figure:
-    """The figure for image `index` of a trace: input | token maps | depth | token counts."""
+    """The figure for image `index` of a trace: input | the token maps that change | the blocks each patch ran
+    (only when patches differ, as A-ViT's do) | token counts, with a legend."""
+    from matplotlib.patches import Patch
+
     depth = trace.depth
-    layers = list(layers) if layers is not None else default_layers(depth)
-    panels = 1 + len(layers) + 2
-    fig = Figure(figsize=(2.4 * panels, 2.8), dpi=dpi)
+    layers = list(layers) if layers is not None else changing_layers(trace, index)
+    depths = patch_depth(trace, index)
+    show_depth = bool(depths.min() != depths.max())
+    panels = 1 + len(layers) + int(show_depth) + 1
+    fig = Figure(figsize=(3.2 * panels, 3.9), dpi=dpi)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, panels)
     axes[0].imshow(rgb, interpolation="nearest")
-    axes[0].set_title("input", fontsize=9)
+    axes[0].set_title("input", fontsize=10)
     for ax, layer in zip(axes[1:], layers):
         ax.imshow(token_map(rgb, trace.owner[layer][index].cpu().numpy(), trace.grid_size), interpolation="nearest")
         where = f"after block {layer - 1}" if layer == depth else f"entering block {layer}"
-        ax.set_title(f"{where}: {int(trace.tokens[index, layer])} tokens", fontsize=9)
-    depth_ax = axes[1 + len(layers)]
-    shown = depth_ax.imshow(patch_depth(trace, index).reshape(trace.grid_size), cmap="magma", vmin=0, vmax=depth)
-    depth_ax.set_title("blocks run per patch", fontsize=9)
-    fig.colorbar(shown, ax=depth_ax, fraction=0.046, pad=0.04)
+        ax.set_title(f"{where}: {int(trace.tokens[index, layer])} tokens", fontsize=10)
+    if show_depth:
+        depth_ax = axes[1 + len(layers)]
+        shown = depth_ax.imshow(depths.reshape(trace.grid_size), cmap="magma", vmin=0, vmax=depth)
+        depth_ax.set_title("blocks run per patch", fontsize=10)
+        fig.colorbar(shown, ax=depth_ax, fraction=0.046, pad=0.04)
     for ax in axes[:-1]:
         ax.set_xticks([])
         ax.set_yticks([])
     curve = axes[-1]
-    curve.plot(range(depth + 1), trace.tokens[index].cpu().numpy(), marker="o", markersize=3)
-    curve.set_xlabel("block", fontsize=8)
-    curve.set_ylabel("tokens", fontsize=8)
+    curve.plot(range(depth + 1), trace.tokens[index].cpu().numpy(), marker="o", markersize=4)
+    curve.set_xlabel("block", fontsize=9)
+    curve.set_ylabel("tokens", fontsize=9)
     curve.set_ylim(bottom=0)
-    curve.tick_params(labelsize=7)
-    curve.set_title("tokens per block", fontsize=9)
+    curve.tick_params(labelsize=8)
+    curve.set_title("tokens per block", fontsize=10)
+    legend = [Patch(facecolor="white", edgecolor="black", label="kept: a token of its own (the image)"),
+              Patch(facecolor=GROUP_COLOURS[0], edgecolor="white", label="merged / fused: one colour per shared token"),
+              Patch(facecolor=GREY, edgecolor="black", label="pruned / halted: no longer takes part")]
+    fig.legend(handles=legend, loc="lower center", ncol=3, fontsize=9, frameon=False)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
 
@@ -132,7 +156,7 @@ class TokenMapCallback(Callback):
     keyed `token_maps/image_<i>` at the global step (so the dashboard slider shows them evolve).
 
     num_images: how many images, chosen by `seed` among the first validation batch (the same every time).
-    layers: blocks to draw (default: a quarter, half, three quarters of the depth, and the output).
+    layers: blocks to draw (default: the token maps that change, at most four).
     every_n_epochs: during fit (0: only at the last epoch); validate runs always draw.
     """
 

@@ -176,10 +176,12 @@ class EmbeddedDataModule(ImageDataModule):
 def export_image_folder(out: str | Path, dataset: EmbeddedName = "digits", val_fraction: float = 0.2,
                         split_seed: int = 0) -> Path:
     """Write the embedded set as `out/{train,val}/<class>/<index>.png` (the ImageNet layout)."""
+    from tqdm import tqdm
+
     out = Path(out)
     images, labels = load_embedded(dataset)
     for split, indices in split_indices(labels, val_fraction, split_seed).items():
-        for index in indices:
+        for index in tqdm(indices, desc=f"export-data {split}", unit="img", leave=False):
             folder = out / split / f"{labels[index]}"
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[index]).save(folder / f"{index:05d}.png")

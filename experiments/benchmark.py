@@ -56,6 +56,8 @@ def benchmark_module(module: Any, method: str, batch_sizes: list[int], *, precis
     size = module.student.vit.patch_embed.img_size
     rows = []
     for batch_size in batch_sizes:
+        print(f"leanvit benchmark: {method} {module.hparams.backbone} batch {batch_size} {precision} "
+              f"(and its dense model) ...", file=sys.stderr, flush=True)
         generator = torch.Generator().manual_seed(0)
         images = torch.randn(batch_size, 3, *size, generator=generator).to(dev)
         if method == "avit" and avit_depth is not None:
@@ -78,6 +80,8 @@ def benchmark_module(module: Any, method: str, batch_sizes: list[int], *, precis
             dense_ips = time_model(torch.compile(twin), images, precision, warmup, repeats).images_per_sec
             row.update(dense_images_per_sec=dense_ips, speedup=row["images_per_sec"] / dense_ips)
             row["efficiency"] = row["speedup"] / row["mac_ratio"]
+        print(f"leanvit benchmark:   {row['images_per_sec']:.1f} img/s, x{row['speedup']:.2f} the dense model",
+              file=sys.stderr, flush=True)
         rows.append(row)
     return rows
 

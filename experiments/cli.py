@@ -242,13 +242,13 @@ def create_run_dir(run: Run) -> bool:
     return created
 
 
-def remove_if_unused(run_dir: Path, runs_dir: Path) -> None:
+def remove_if_unused(run_dir: Path, runs_dir: Path, keep_progress: bool = True) -> None:
     """After a failed command: remove the run directory it created unless training left something in it (a
-    checkpoint, results, or progress: the logs of a run that diverged are worth keeping)."""
+    checkpoint, results, or - with `keep_progress` - progress: the logs of a run that diverged are worth keeping)."""
     if not run_dir.is_dir():
         return
     kept = [p for p in run_dir.rglob("*") if p.is_file() and (p.suffix == ".ckpt" or p.name.startswith("results_")
-                                                             or p.name == "progress.json")]
+                                                             or (keep_progress and p.name == "progress.json"))]
     if not kept:
         shutil.rmtree(run_dir, ignore_errors=True)
         for parent in run_dir.parents:  # and the experiment folders it was the first run of
@@ -434,7 +434,31 @@ def load_checked(config: str, overrides: list[str], extra_top_level: Optional[di
     return cfg
 
 
+class _DropLightningTips:
+    """A logging filter for Lightning's advertising tips."""
+
+    def filter(self, record: Any) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    """Silence the Lightning messages about concerns leanvit already handles: its epoch-level metrics are
+    torchmetrics gathered over every rank (the `sync_dist=True` advice does not apply), checkpoint folders of a
+    resumed run are meant to hold checkpoints, a short epoch's logging interval; its internal deprecation
+    warnings and tips are not the user's to act on."""
+    import logging
+    import warnings
+
+    for message in (r".*sync_dist=True.*", r".*isinstance\(treespec, LeafSpec\).*",
+                    r"Checkpoint directory .* exists and is not empty", r".*smaller than the logging interval.*",
+                    r".*does not have many workers which may be a bottleneck.*"):
+        warnings.filterwarnings("ignore", message=message)
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropLightningTips())
+
+
 def run_trainer_command(command: str, config: str, overrides: list[str]) -> int:
+    quiet_lightning()
     cfg = load_checked(config, overrides)
     if command == "fit":
         from callbacks.preemption import preemption_signals
@@ -462,14 +486,16 @@ def run_checked_command(command: str, cfg: dict[str, Any]) -> int:
         except ValueError as err:
             raise ConfigError(str(err)) from err
     created = create_run_dir(run)
-    failed = True
+    status: Optional[int] = None
     try:
         status = run_in_dir(command, cfg, run, trainer, module, datamodule)
-        failed = status != 0
         return status
+    except ConfigError:
+        status = 2
+        raise
     finally:
-        if failed and created:
-            remove_if_unused(run.dir, Path(cfg.get("runs_dir") or "runs"))
+        if status != 0 and created:  # a bad input (2) keeps nothing that cannot be resumed; other failures keep logs
+            remove_if_unused(run.dir, Path(cfg.get("runs_dir") or "runs"), keep_progress=status != 2)
 
 
 def make_trainer(cfg: dict[str, Any], run: Run, command: str) -> Any:
@@ -557,11 +583,19 @@ def run_in_dir(command: str, cfg: dict[str, Any], run: Run, trainer: Any, module
         from experiments.report import write_report
 
         write_report([run.dir], run.dir / "report")
-    shown = {k: v for k, v in results.items()
-             if k.split("/")[0] in ("val", "test", "best") or k in ("throughput/speedup", "flops/gmacs")}
-    print(f"leanvit {command}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(shown.items()))
-          + f"  ({results['wall_seconds']:.0f} s; run dir {run.dir})")
+    shown = {k: v for k, v in results.items()  # (a dense run's speed-up is against itself: not shown)
+             if k.split("/")[0] in ("val", "test", "best") or k == "flops/gmacs"
+             or (k == "throughput/speedup" and cfg["method"] != "dense")}
+    made = [f"{name} {run.dir / folder}/" for name, folder in (("token maps", "token_maps"), ("report", "report"))
+            if (run.dir / folder).is_dir()]
+    print(f"leanvit {command}: " + ", ".join(f"{k} {format_metric(k, v)}" for k, v in sorted(shown.items()))
+          + f"  ({results['wall_seconds']:.0f} s; run dir {run.dir}" + "".join(f"; {m}" for m in made) + ")")
     return 0
+
+
+def format_metric(key: str, value: float) -> str:
+    """Two decimals; MACs with four significant digits (a micro ViT's 0.0156 vs 0.0226 GMACs must show)."""
+    return f"{value:.4g}" if key.startswith("flops/") else f"{value:.2f}"
 
 
 class TrainingStopped(Exception):
@@ -619,7 +653,10 @@ def run_stage_unchecked(command: str, trainer: Any, module: Any, datamodule: Any
         if run.resume_ckpt is not None and run.rank_zero:
             print(resume_report(run), flush=True)
         from callbacks.checkpointing import CheckpointWriteError, NonFiniteCheckpointError
+        from lightning_fabric.utilities.exceptions import MisconfigurationException
+
         from callbacks.preemption import PREEMPTED_EXIT, Preempted
+        from experiments.config import ConfigError
         from lightning_modules.base import NonFiniteLossError
 
         try:
@@ -630,6 +667,12 @@ def run_stage_unchecked(command: str, trainer: Any, module: Any, datamodule: Any
             raise TrainingStopped(str(err), DIVERGED_EXIT) from err
         except CheckpointWriteError as err:
             raise TrainingStopped(str(err), 2) from err
+        except MisconfigurationException as err:
+            if "could not find the monitored key" not in str(err):
+                raise
+            keys = str(err).split("returned metrics:", 1)[-1].split("]")[0].strip(" [")
+            raise ConfigError(f"checkpoint.monitor: {trainer.checkpoint_callback.monitor!r} is not a metric this "
+                              f"run logs; logged: {keys}") from err
         results = summarise(trainer.callback_metrics)
         best = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)), None)
         if best is not None and best.best_model_score is not None:
@@ -679,10 +722,20 @@ def visualize_command(config: str, overrides: list[str]) -> int:
     except OSError as err:
         raise ConfigError(f"images: cannot read an image: {err}") from err
     out = Path(cfg.get("out") or "token_maps")
-    written = save_figures(module.student, images, out, [p.stem for p in paths], datamodule.mean, datamodule.std,
+    written = save_figures(module.student, images, out, unique_names(paths), datamodule.mean, datamodule.std,
                            cfg.get("layers"), title=f"{cfg['method']} {experiment_name(cfg)}")
     print(f"leanvit visualize: wrote {len(written)} figures to {out}/")
     return 0
+
+
+def unique_names(paths: list[Path]) -> list[str]:
+    """A figure name per image: its stem, or - where stems repeat (a/1.png, b/1.png) - its path below the folder
+    all images share, joined with underscores, so no figure overwrites another."""
+    stems = [p.stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    common = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
+    return ["_".join(p.resolve().with_suffix("").relative_to(common).parts) for p in paths]
 
 
 def config_command(config: str, overrides: list[str]) -> int:
@@ -724,13 +777,38 @@ def export_data(out: str, dataset: str) -> int:
     return 0
 
 
+EXAMPLES = """examples:
+  leanvit fit quickstart.yaml                                   # EViT on the embedded digits, a few minutes on a CPU
+  leanvit fit deit_small/evit_kr0.7.yaml data.root=/data/imagenet trainer.devices=8 trainer.strategy=ddp
+  leanvit validate deit_small/tome_r13.yaml model.weights=deit_small_patch16_224.pth data.root=/data/imagenet"""
+
+
+def help_epilog() -> str:
+    """Methods (the METHODS registry), the shipped experiments and examples: only built when help is asked for
+    (listing the methods imports torch)."""
+    import textwrap
+
+    from experiments.config import EXPERIMENTS_DIR
+    from lightning_modules import METHODS
+
+    experiments = sorted(str(p.relative_to(EXPERIMENTS_DIR)) for p in EXPERIMENTS_DIR.rglob("*.yaml")
+                         if not p.relative_to(EXPERIMENTS_DIR).parts[0].startswith("_"))
+    wrap = lambda text: textwrap.fill(text, 110, initial_indent="  ", subsequent_indent="  ")  # noqa: E731
+    return (f"methods (method: NAME):\n{wrap(', '.join(METHODS))}\n\nshipped experiments (CONFIG, relative to "
+            f"{EXPERIMENTS_DIR}):\n{wrap(', '.join(experiments))}\n\n{EXAMPLES}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    asked = sys.argv[1:] if argv is None else argv
+    epilog = help_epilog() if any(a in ("-h", "--help") for a in asked) else None
+    formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="leanvit", description="Token-reduction Vision Transformers: train, evaluate and benchmark from YAML.")
+        prog="leanvit", description="Token-reduction Vision Transformers: train, evaluate and benchmark from YAML.",
+        epilog=epilog, formatter_class=formatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in (("fit", "train (and validate) a model"), ("validate", "evaluate on the validation split"),
                             ("test", "evaluate on the test split")):
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog, formatter_class=formatter)
         p.add_argument("config", help="experiment YAML (a path, or relative to the experiments folder)")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="omegaconf dotlist overrides")
     p = sub.add_parser("config", help="print the resolved, checked config (defaults filled in) that fit would run")

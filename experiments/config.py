@@ -269,10 +269,25 @@ class RunConfig:
 TRAINER_RESERVED = ("logger", "callbacks", "plugins", "default_root_dir", "enable_checkpointing", "model_registry")
 
 
+def drop_unset(cfg: dict[str, Any], *, methods: dict[str, type], datamodules: dict[str, type]) -> None:
+    """`key: null` for a key the section's class does not take removes a key an inherited YAML set (e.g. the
+    embedded data's `dataset` when a config switches to `datamodule: imagenet`, or `data.dataset=null`)."""
+    classes = {"model": methods.get(cfg.get("method", "")), "data": datamodules.get(cfg.get("datamodule", RunConfig.datamodule))}
+    for section, cls in classes.items():
+        values = cfg.get(section)
+        if cls is None or not isinstance(values, dict):
+            continue
+        params = signature_params(cls)
+        for key in [k for k, v in values.items() if v is None and k not in params]:
+            del values[key]
+
+
 def check_config(cfg: dict[str, Any], origins: dict[str, str], *, methods: dict[str, type],
                  datamodules: dict[str, type], callbacks: dict[str, type], trainer_cls: type,
                  extra_top_level: dict[str, Any] = {}) -> None:
-    """Check every section of a resolved config against the classes it configures."""
+    """Check every section of a resolved config against the classes it configures (dropping `key: null` of keys
+    the class does not take, see `drop_unset`)."""
+    drop_unset(cfg, methods=methods, datamodules=datamodules)
     top = signature_params(RunConfig)
     for key, annotation in extra_top_level.items():
         top[key] = inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)

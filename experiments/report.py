@@ -12,6 +12,7 @@ from typing import Any, Optional
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 SETTING_KEYS = {"tome": ("r",), "evit": ("keep_rate",), "dynamicvit": ("keep_rate",),
                 "avit": ("gate_scale", "gate_center")}
@@ -54,6 +55,12 @@ def method_default(method: str, key: str) -> Any:
     return signature_params(METHODS[method])[key].default
 
 
+def describe_backbone(model: dict[str, Any]) -> str:
+    """The timm name with its architecture overrides (a 4-block and a 6-block micro ViT are different models)."""
+    extra = " ".join(f"{k}={v}" for k, v in sorted((model.get("backbone_kwargs") or {}).items()))
+    return f"{model.get('backbone', '?')} {extra}".strip()
+
+
 def summarise_run(run_dir: Path) -> RunSummary:
     """Final validation accuracy (else test), the last throughput and MACs a run logged."""
     config_path = run_dir / "config.yaml"
@@ -70,7 +77,7 @@ def summarise_run(run_dir: Path) -> RunSummary:
             results = {**json.loads((run_dir / name).read_text()), **results}
     acc1 = results.get("val/acc1", results.get("test/acc1", last(rows, "val/acc1")))
     return RunSummary(
-        run=str(run_dir), method=method, backbone=str(model.get("backbone", "?")), setting=setting, acc1=acc1,
+        run=str(run_dir), method=method, backbone=describe_backbone(model), setting=setting, acc1=acc1,
         images_per_sec=results.get("throughput/images_per_sec", last(rows, "throughput/images_per_sec")),
         dense_images_per_sec=results.get("throughput/dense_images_per_sec",
                                          last(rows, "throughput/dense_images_per_sec")),
@@ -92,7 +99,10 @@ def _plot(runs: list[RunSummary], x_attr: str, xlabel: str, path: Path) -> None:
         # labels alternate above and below their marker, so neighbours along x do not overprint each other
         ax.annotate(run.label, (x, y), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -12), fontsize=8,
                     fontweight="bold" if dense else "normal")
-    ax.margins(x=0.18, y=0.12)  # room for the labels of the outermost markers
+    ax.margins(x=0.3, y=0.2)  # room for the labels of the outermost markers
+    if any(r.method == "dense" for r in placed):
+        ax.legend(handles=[Line2D([], [], marker="*", color="black", linestyle="", markersize=11,
+                                  label="dense baseline")], fontsize=8, loc="best")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)
@@ -103,6 +113,11 @@ def _plot(runs: list[RunSummary], x_attr: str, xlabel: str, path: Path) -> None:
 def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
     """Both plots and a Markdown table for the given runs; returns the files written."""
     runs = [summarise_run(Path(d)) for d in run_dirs]
+    for run in runs:  # a dense run without its own timing: the dense speed its reduced runs measured beside them
+        if run.method == "dense" and run.images_per_sec is None:
+            beside = [r.dense_images_per_sec for r in runs if r.backbone == run.backbone and r.dense_images_per_sec]
+            run.images_per_sec = beside[-1] if beside else None
+            run.dense_images_per_sec = run.images_per_sec
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "accuracy_vs_throughput.png", out / "accuracy_vs_gmacs.png", out / "report.md"]
     _plot(runs, "images_per_sec", "throughput (images / s, measured beside the dense model)", written[0])
@@ -111,10 +126,11 @@ def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
     lines = ["| run | method | setting | backbone | top-1 (%) | img/s | speed-up vs dense | GMACs |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (r.method != "dense", -(r.acc1 or 0))):
-        speedup = None if r.images_per_sec is None or not r.dense_images_per_sec else r.images_per_sec / r.dense_images_per_sec
+        speedup = (None if r.method == "dense" or r.images_per_sec is None or not r.dense_images_per_sec
+                   else r.images_per_sec / r.dense_images_per_sec)  # the dense row is the baseline itself
         lines.append(f"| {r.run} | {'**dense**' if r.method == 'dense' else r.method} | {r.setting or '-'} | "
                      f"{r.backbone} | {fmt(r.acc1, '.2f')} | {fmt(r.images_per_sec, '.1f')} | "
-                     f"{'-' if speedup is None else f'x{speedup:.2f}'} | {fmt(r.gmacs, '.3f')} |")
+                     f"{'-' if speedup is None else f'x{speedup:.2f}'} | {fmt(r.gmacs, '.4g')} |")
     written[2].write_text("# leanvit report\n\n" + "\n".join(lines) + "\n\n![accuracy vs throughput]"
                           "(accuracy_vs_throughput.png)\n![accuracy vs GMACs](accuracy_vs_gmacs.png)\n")
     return written

@@ -104,6 +104,8 @@ CASES = [
     ("num_classes 1", ["fit", QUICKSTART, "model.num_classes=1"], r"model\.num_classes: expected 2 classes or more"),
     ("ema_decay above 1", ["fit", QUICKSTART, "model.ema_decay=1.5"], r"model\.ema_decay: expected a decay in \(0, 1\)"),
     ("max_epochs negative", ["fit", QUICKSTART, "trainer.max_epochs=-3"], r"trainer: `max_epochs` must be .* -3"),
+    ("checkpoint monitor that is not logged", ["fit", QUICKSTART, "checkpoint.monitor=val/nope", *LIMITS],
+     r"checkpoint\.monitor: 'val/nope' is not a metric this run logs; logged: .*val/acc1"),
     ("benchmark precision fp8", ["benchmark", QUICKSTART, "precision=fp8"], r"precision: expected one of 32, .* got 'fp8'"),
     # --- files and runs
     ("runs_dir under a file", ["fit", QUICKSTART, "runs_dir=a_file/runs"], r"runs_dir: cannot create or write .*a_file/runs"),

@@ -126,3 +126,15 @@ def test_every_shipped_experiment_is_valid() -> None:
     assert len(shipped) >= 4
     for path in shipped:
         checked(path)
+
+
+def test_null_removes_a_key_an_inherited_yaml_set(tmp_path: Path) -> None:
+    """digits/dense.yaml sets data.dataset (the embedded set's key); a YAML switching to the folder DataModule
+    removes it with `dataset: null`, while a real value for a key the class does not take stays an error."""
+    from experiments.cli import load_checked
+
+    cfg = load_checked("digits/folder.yaml", [])
+    assert cfg["datamodule"] == "imagenet" and "dataset" not in cfg["data"]
+    assert "dataset" not in load_checked("digits/dense.yaml", ["datamodule=imagenet", "data.dataset=null"])["data"]
+    with pytest.raises(ConfigError, match="data.dataset: unknown key"):
+        load_checked("digits/dense.yaml", ["datamodule=imagenet"])

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from callbacks.token_maps import GREY, save_figures, token_map, token_map_figure
+from callbacks.token_maps import (GREY, GROUP_ALPHA, GROUP_COLOURS, changing_layers, save_figures, token_map,
+                                  token_map_figure)
 from conftest import FAST, QUICKSTART, leanvit
 from datamodules import export_image_folder
 from lightning_modules import METHODS
@@ -27,8 +28,25 @@ def test_token_map_pixels_by_hand() -> None:
     out = token_map(rgb, owner, (2, 2))
     np.testing.assert_allclose(out[1, 1], rgb[1, 1])  # a patch with its own token shows the image
     np.testing.assert_allclose(out[6, 6], 0.35 * 0.2 + 0.65 * GREY)  # pruned: greyed
-    np.testing.assert_allclose(out[2, 6], (0.8 + 0.2) / 2)  # merged: the group's mean colour
+    colour = GROUP_COLOURS[2]  # the group of token 2, tinted over each member's own pixels
+    np.testing.assert_allclose(out[2, 6], (1 - GROUP_ALPHA) * 0.8 + GROUP_ALPHA * colour)
+    np.testing.assert_allclose(out[6, 2], (1 - GROUP_ALPHA) * 0.2 + GROUP_ALPHA * colour)
     assert (out[:, 4] == 1.0).any() or (out[4, :] == 1.0).any()  # a white border around the group
+
+
+def test_only_the_maps_that_change_are_drawn() -> None:
+    from lightning_modules.trace import TokenTrace
+
+    ident = torch.arange(1, 5).view(1, 4)
+    fused = torch.tensor([[1, 2, 2, 2]])
+    owner = [ident, ident, fused, fused, fused]  # a reduction inside block 1 only (4 blocks)
+    trace = TokenTrace(owner=owner, tokens=torch.tensor([[5, 5, 3, 3, 3]]), mlp_tokens=torch.tensor([[5, 3, 3, 3]]),
+                       num_prefix_tokens=1, grid_size=(2, 2))
+    assert changing_layers(trace, 0) == [2]
+    steps = [torch.tensor([[1, 2, 3, 4 - k]]) for k in range(9)]  # changes at every layer of 8
+    many = TokenTrace(owner=steps, tokens=torch.full((1, 9), 5), mlp_tokens=torch.full((1, 8), 5),
+                      num_prefix_tokens=1, grid_size=(2, 2))
+    assert changing_layers(many, 0) == [1, 3, 6, 8]  # four, spread, the last included
 
 
 @pytest.mark.parametrize("method", list(METHOD_SETTINGS))
@@ -43,8 +61,13 @@ def test_figure_for_each_method(method: str, tmp_path: Path) -> None:
     path = tmp_path / "fig.png"
     fig.savefig(path)
     png = np.asarray(Image.open(path).convert("RGB")).astype(float) / 255
-    panels = 1 + len(layers) + 2
-    assert png.shape[:2] == (int(2.8 * 50), int(2.4 * panels * 50))
+    # the depth panel only where patches ran different numbers of blocks: halted (A-ViT) or dropped (DynamicViT)
+    per_patch_depth = method in ("avit", "dynamicvit")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert ("blocks run per patch" in titles) == per_patch_depth
+    panels = 1 + len(layers) + int(per_patch_depth) + 1
+    assert png.shape[:2] == (int(3.9 * 50), int(3.2 * panels * 50))
+    assert [t.get_text() for t in fig.legends[0].get_texts()][0].startswith("kept")
     owner = trace.owner[2][0].numpy()
     ax = fig.axes[1]  # the map entering block 2
 
@@ -81,6 +104,11 @@ def test_visualize_any_images(in_tmp: Path) -> None:
                    f"images={tree}/val/3/*.png", "out=maps", "layers=[1,2]") == 0
     written = list((in_tmp / "maps").glob("*.png"))
     assert len(written) == len(list((tree / "val" / "3").glob("*.png"))) > 10
+    for folder in ("a", "b"):  # one file name in two folders: two figures, not one written twice
+        (in_tmp / "same" / folder).mkdir(parents=True)
+        (in_tmp / "same" / folder / "x.png").write_bytes(next((tree / "val" / "3").glob("*.png")).read_bytes())
+    assert leanvit("visualize", QUICKSTART, *FAST, f"images={in_tmp}/same/*/x.png", "out=same_maps") == 0
+    assert sorted(p.name for p in (in_tmp / "same_maps").glob("*.png")) == ["a_x.png", "b_x.png"]
     assert leanvit("visualize", QUICKSTART, "images=nothing/*.png") == 2
 
 
@@ -96,6 +124,9 @@ def test_report_on_two_runs(in_tmp: Path) -> None:
         assert Image.open(out / name).size[0] > 300
     table = (out / "report.md").read_text()
     assert all(run in table for run in runs) and "**dense**" in table and "keep_rate=0.7" in table
+    assert "vit_micro_patch4_32 depth=2" in table  # the backbone with its overrides: a 2-block micro ViT
+    dense_row = next(line for line in table.splitlines() if "report_dense" in line)
+    assert dense_row.split("|")[7].strip() == "-"  # the dense row is the baseline, not a speed-up
     evit_row = next(line for line in table.splitlines() if "report_evit" in line)
     assert "| x" in evit_row  # a speed-up measured beside the dense model
     assert leanvit("report", str(in_tmp)) == 2  # not a run directory
