@@ -137,7 +137,7 @@ def measure(module: nn.Module, images: Tensor, dense: DenseBaseline, *, precisio
         _, trace = student.eval()(images, trace=True)
     student.train(was_training)
     gmacs = float(count_macs(student, trace).mean()) / 1e9 if gmacs is None else gmacs
-    timing = time_model(model or student, images, precision, warmup, repeats)
+    timing = time_model(model if model is not None else student, images, precision, warmup, repeats)
     speedup = timing.images_per_sec / dense.timing.images_per_sec
     mac_ratio = dense.gmacs / gmacs
     return dict(method=type(module).__name__.removesuffix("Module").lower(), backbone=module.hparams.backbone,

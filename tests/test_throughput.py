@@ -139,3 +139,23 @@ def test_benchmark_command_writes_json(in_tmp: Path, capsys: pytest.CaptureFixtu
         assert row["mac_ratio"] == pytest.approx(row["dense_gmacs"] / row["gmacs"])
     assert "| tome | vit_micro_patch4_32 | 4 |" in capsys.readouterr().out
     assert leanvit("benchmark", QUICKSTART, "batch_size=[1]") == 2  # a typo is still one clear line
+
+
+@pytest.mark.parametrize("method", ["dense", "tome", "evit", "dynamicvit"])
+def test_a_compiled_student_is_timed(method: str) -> None:
+    """`benchmark compile=true` passed the torch.compile'd student to `measure`, whose `model or student` asked
+    the compiled module for its truth value - len() of a ViT - and crashed for every method. The eager backend
+    gives the same OptimizedModule without a compiler run."""
+    from callbacks.throughput import dense_baseline, measure
+
+    torch.manual_seed(0)
+    settings = {"tome": {"r": 4}, "evit": {"reduction_layers": [1]}, "dynamicvit": {"reduction_layers": [1]}}
+    module = METHODS[method](backbone="vit_micro_patch4_32", num_classes=10, backbone_kwargs={"depth": 2},
+                             **settings.get(method, {})).eval()
+    images = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(module.student, backend="eager")
+    row = measure(module, images, dense_baseline(module, images, warmup=1, repeats=1), warmup=1, repeats=1,
+                  model=compiled)
+    assert row["images_per_sec"] > 0
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(images), module.student(images))  # the compiled student's logits
