@@ -188,6 +188,9 @@ def prepare_run(cfg: dict[str, Any], command: str) -> Run:
         if str(cfg["resume"]) == "auto":
             raise ConfigError(f"resume=auto: only for fit; {command} evaluates resume=RUN_DIR|last|FILE.ckpt")
         resume_ckpt = find_resume(str(cfg["resume"]), experiment_dir)
+        saved = resume_ckpt.parent.parent / "config.yaml"
+        if rank_zero and saved.is_file():  # its weights must fit the model this command builds
+            check_same_model(yaml.safe_load(saved.read_text()) or {}, cfg, resume_ckpt.parent.parent)
     if resume_ckpt is not None and rank_zero:
         resume_step = checkpoint_step(resume_ckpt)
     os.environ[RESUME_ENV] = str(resume_ckpt or "")

@@ -119,6 +119,8 @@ CASES = [
      r"resume: cannot read truncated\.ckpt \(truncated or not a checkpoint"),
     ("resume a missing checkpoint", ["fit", QUICKSTART, "resume=missing.ckpt"], r"resume: no such checkpoint 'missing\.ckpt'"),
     ("validate resume=auto", ["validate", QUICKSTART, "resume=auto"], r"resume=auto: only for fit"),
+    ("validate a run as another architecture", ["validate", QUICKSTART, "model.backbone_kwargs.depth=3", f"resume={RUN}"],
+     r"resume: runs/digits/dense/version_0 trained another model \(model\.backbone_kwargs\.depth 2 -> 3\)"),
     ("weights of another model", ["validate", QUICKSTART, "model.weights=other_model.pth", "model.pretrained=true"],
      r"weights: 'other_model\.pth' does not match the model"),
 ]
