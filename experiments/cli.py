@@ -781,7 +781,7 @@ def export_data(out: str, dataset: str) -> int:
 
 
 EXAMPLES = """examples:
-  leanvit fit quickstart.yaml                                   # EViT on the embedded digits, a few minutes on a CPU
+  leanvit fit digits/dense.yaml                                 # a micro ViT on the embedded digits, a few minutes on a CPU
   leanvit fit deit_small/evit_kr0.7.yaml data.root=/data/imagenet trainer.devices=8 trainer.strategy=ddp
   leanvit validate deit_small/tome_r13.yaml model.weights=deit_small_patch16_224.pth data.root=/data/imagenet"""
 

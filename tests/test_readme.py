@@ -15,10 +15,13 @@ COMMANDS = ("fit", "validate", "test", "config", "benchmark", "visualize", "repo
 
 
 def readme_commands() -> list[list[str]]:
-    """The argument lists after `leanvit` (or `-m experiments.cli`) in README's ```bash blocks."""
+    """The argument lists after `leanvit` (or `-m experiments.cli`) in README's ```bash blocks, and in the
+    examples `leanvit --help` prints."""
+    from experiments.cli import EXAMPLES
+
     text = (REPO / "README.md").read_text()
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+    for block in [*re.findall(r"```bash\n(.*?)```", text, flags=re.S), EXAMPLES]:
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             for marker in ("leanvit", "experiments.cli"):
