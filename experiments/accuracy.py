@@ -25,16 +25,14 @@ BEGIN, END = "<!-- accuracy -->", "<!-- end accuracy -->"
 
 
 def fit(config: str, runs_dir: Path, version: str, overrides: list[str]) -> Path:
-    """`leanvit fit` in this process; returns the run directory (refuses to reuse one)."""
+    """`leanvit fit` in this process; returns the run directory. A failure (an existing version included: the CLI
+    refuses it) has printed its line; this exits with its status."""
     from experiments.cli import experiment_name, load_checked, main
 
-    cfg = load_checked(config, [])
-    run_dir = runs_dir / experiment_name(cfg) / version
-    if run_dir.exists():
-        raise SystemExit(f"make accuracy: {run_dir} exists; pick another --version")
-    status = main(["fit", config, f"runs_dir={runs_dir}", f"version={version}", *QUIET, *overrides])
+    run_dir = runs_dir / experiment_name(load_checked(config, [])) / version
+    status = main(["fit", config, f"runs_dir={runs_dir}", f"version={version}", *overrides])
     if status != 0:
-        raise SystemExit(f"make accuracy: leanvit fit {config} failed (exit {status})")
+        raise SystemExit(status)
     return run_dir
 
 
@@ -114,14 +112,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         step += 1
         print(f"make accuracy: [{step}/{total}] {SCRATCH}", flush=True)
-        scratch = fit(SCRATCH, args.runs_dir, args.version, args.set)
+        scratch = fit(SCRATCH, args.runs_dir, args.version, [*QUIET, *args.set])
         weights = scratch / "checkpoints" / "best.ckpt"
         start = {"acc1": json.loads((scratch / "results_fit.json").read_text())["best/val/acc1"]}
     runs = []
     for config in FINETUNES:
         step += 1
         print(f"make accuracy: [{step}/{total}] {config} from {weights}", flush=True)
-        runs.append(fit(config, args.runs_dir, args.version, [f"model.weights={weights}", *args.set]))
+        runs.append(fit(config, args.runs_dir, args.version, [*QUIET, f"model.weights={weights}", *args.set]))
     rows = [row(r) for r in runs]
     report = args.runs_dir / "canvas" / f"report_{args.version}"
     write_report(runs, report)

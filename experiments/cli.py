@@ -44,7 +44,7 @@ class Run:
     resume_ckpt: Optional[Path]  # fit: the checkpoint it continues; validate/test: the checkpoint evaluated
     wandb_id: Optional[str]
     rank_zero: bool
-    resume_step: Optional[int] = None  # the resumed checkpoint's global step
+    resume_position: Optional[dict[str, int]] = None  # rank 0: the resumed checkpoint's global_step and epoch
 
 
 def experiment_name(cfg: dict[str, Any]) -> str:
@@ -108,9 +108,9 @@ def find_resume(resume: str, experiment_dir: Path, pinned: Optional[Path] = None
     return path
 
 
-def checkpoint_step(path: Path) -> int:
-    """A checkpoint's global step, read without unpickling objects; an unreadable file (truncated, not a
-    checkpoint) -> one line naming it and the run's other checkpoints to use instead."""
+def checkpoint_position(path: Path) -> dict[str, int]:
+    """A checkpoint's `global_step` and `epoch`, read without unpickling objects; an unreadable file (truncated,
+    not a checkpoint) -> one line naming it and the run's other checkpoints to use instead."""
     import torch
 
     from experiments.config import ConfigError
@@ -119,7 +119,7 @@ def checkpoint_step(path: Path) -> int:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
             raise ValueError("no state_dict: not a Lightning checkpoint")
-        return int(ckpt.get("global_step", 0))
+        return {"global_step": int(ckpt.get("global_step", 0)), "epoch": int(ckpt.get("epoch", 0))}
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
         others = sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: -p.stat().st_mtime)
@@ -179,7 +179,7 @@ def prepare_run(cfg: dict[str, Any], command: str) -> Run:
     experiment_dir = Path(cfg.get("runs_dir") or "runs") / experiment
     rank_zero = global_rank() == 0
     launched = not rank_zero and os.environ.get(RUN_DIR_ENV)  # a DDP rank started by rank 0 (Lightning's launcher)
-    resume_ckpt, resume_step = None, None
+    resume_ckpt, resume_position = None, None
     if not rank_zero and RESUME_ENV in os.environ:  # the rank-0 process decided (resume=auto must agree)
         resume_ckpt = Path(os.environ[RESUME_ENV]) if os.environ[RESUME_ENV] else None
     elif cfg.get("resume") and command == "fit":
@@ -188,22 +188,20 @@ def prepare_run(cfg: dict[str, Any], command: str) -> Run:
         if str(cfg["resume"]) == "auto":
             raise ConfigError(f"resume=auto: only for fit; {command} evaluates resume=RUN_DIR|last|FILE.ckpt")
         resume_ckpt = find_resume(str(cfg["resume"]), experiment_dir)
+    saved_cfg: dict[str, Any] = {}
+    if resume_ckpt is not None:
         saved = resume_ckpt.parent.parent / "config.yaml"
-        if rank_zero and saved.is_file():  # its weights must fit the model this command builds
-            check_same_model(yaml.safe_load(saved.read_text()) or {}, cfg, resume_ckpt.parent.parent)
-    if resume_ckpt is not None and rank_zero:
-        resume_step = checkpoint_step(resume_ckpt)
+        saved_cfg = (yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
+        if rank_zero:
+            resume_position = checkpoint_position(resume_ckpt)
+            if saved_cfg:  # the checkpoint's weights must fit the model this command builds
+                check_same_model(saved_cfg, cfg, resume_ckpt.parent.parent)
     os.environ[RESUME_ENV] = str(resume_ckpt or "")
     wandb_id = (cfg.get("logger") or {}).get("wandb", {}).get("id")
+    if command == "fit" and not wandb_id:  # a resumed run continues its own W&B run
+        wandb_id = (saved_cfg.get("logger") or {}).get("wandb", {}).get("id")
     if resume_ckpt is not None and command == "fit":
         run_dir = resume_ckpt.parent.parent
-        saved = run_dir / "config.yaml"
-        if saved.is_file():
-            saved_cfg = yaml.safe_load(saved.read_text()) or {}
-            if rank_zero:
-                check_same_model(saved_cfg, cfg, run_dir)
-            if not wandb_id:
-                wandb_id = (saved_cfg.get("logger") or {}).get("wandb", {}).get("id")
     elif launched:
         run_dir = Path(os.environ[RUN_DIR_ENV])
     elif (pinned := pinned_run_dir(cfg, experiment_dir)) is not None:
@@ -219,7 +217,7 @@ def prepare_run(cfg: dict[str, Any], command: str) -> Run:
         os.environ[LAUNCHER_ENV] = str(os.getpid())
     if wandb_id is None and rank_zero and (cfg.get("logger") or {}).get("wandb", {}).get("enabled"):
         wandb_id = uuid.uuid4().hex[:12]  # W&B run ids: lowercase letters and digits
-    return Run(experiment, run_dir, resume_ckpt, wandb_id, rank_zero, resume_step)
+    return Run(experiment, run_dir, resume_ckpt, wandb_id, rank_zero, resume_position)
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -444,6 +442,9 @@ class _DropLightningTips:
         return not str(record.getMessage()).startswith("💡 Tip")
 
 
+_TIPS_FILTER = _DropLightningTips()  # one instance: adding it again is a no-op
+
+
 def quiet_lightning() -> None:
     """Silence the Lightning messages about concerns leanvit already handles: its epoch-level metrics are
     torchmetrics gathered over every rank (the `sync_dist=True` advice does not apply), checkpoint folders of a
@@ -457,7 +458,7 @@ def quiet_lightning() -> None:
                     r".*does not have many workers which may be a bottleneck.*"):
         warnings.filterwarnings("ignore", message=message)
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropLightningTips())
+        logging.getLogger(name).addFilter(_TIPS_FILTER)
 
 
 def run_trainer_command(command: str, config: str, overrides: list[str]) -> int:
@@ -568,8 +569,8 @@ def run_in_dir(command: str, cfg: dict[str, Any], run: Run, trainer: Any, module
     if not run.rank_zero:
         return 0
     results_file = run.dir / f"results_{command}.json"
-    if command == "fit" and run.resume_step is not None and trainer.global_step == run.resume_step \
-            and results_file.is_file():
+    if command == "fit" and run.resume_position is not None \
+            and trainer.global_step == run.resume_position["global_step"] and results_file.is_file():
         from pytorch_lightning.loggers import CSVLogger
 
         for logger in trainer.loggers:  # this command's (new, empty) CSV log: the run is left as it was
@@ -624,18 +625,13 @@ def finish_wandb(trainer: Any) -> None:
 
 def resume_report(run: Run) -> str:
     """Where a resume continues from, and what the interrupted attempt lost since that checkpoint."""
-    import torch
-
     from callbacks.preemption import lost_work
 
-    assert run.resume_ckpt is not None
-    try:
-        ckpt = torch.load(run.resume_ckpt, map_location="cpu", weights_only=True, mmap=True)
-        where = f"step {ckpt.get('global_step', '?')} (epoch {ckpt.get('epoch', '?')})"
-    except Exception:  # the trainer names an unreadable file itself
-        ckpt, where = None, "?"
-    line = f"leanvit: resuming {run.dir} from {run.resume_ckpt} at {where}"
-    lost = lost_work(run.dir / "progress.json", ckpt, run.resume_ckpt) if ckpt is not None else None
+    assert run.resume_ckpt is not None and run.resume_position is not None
+    position = run.resume_position
+    line = (f"leanvit: resuming {run.dir} from {run.resume_ckpt} at step {position['global_step']} "
+            f"(epoch {position['epoch']})")
+    lost = lost_work(run.dir / "progress.json", position, run.resume_ckpt)
     if lost is not None:
         line += f"; the interrupted attempt lost {lost[0]} steps (~{lost[1]:.1f} min) since that checkpoint"
     return line
@@ -792,10 +788,10 @@ def help_epilog() -> str:
     import textwrap
 
     from experiments.config import EXPERIMENTS_DIR
+    from experiments.recipes import experiment_yamls
     from lightning_modules import METHODS
 
-    experiments = sorted(str(p.relative_to(EXPERIMENTS_DIR)) for p in EXPERIMENTS_DIR.rglob("*.yaml")
-                         if not p.relative_to(EXPERIMENTS_DIR).parts[0].startswith("_"))
+    experiments = [str(p.relative_to(EXPERIMENTS_DIR)) for p in experiment_yamls()]
     wrap = lambda text: textwrap.fill(text, 110, initial_indent="  ", subsequent_indent="  ")  # noqa: E731
     return (f"methods (method: NAME):\n{wrap(', '.join(METHODS))}\n\nshipped experiments (CONFIG, relative to "
             f"{EXPERIMENTS_DIR}):\n{wrap(', '.join(experiments))}\n\n{EXAMPLES}")

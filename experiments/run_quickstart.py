@@ -16,18 +16,6 @@ from pathlib import Path
 from typing import Optional
 
 
-def fit(config: str, runs_dir: Path, version: str, overrides: list[str]) -> Path:
-    """`leanvit fit` in this process; returns the run directory."""
-    from experiments.cli import experiment_name, load_checked, main
-
-    run_dir = runs_dir / experiment_name(load_checked(config, [])) / version
-    status = main(["fit", config, f"runs_dir={runs_dir}", f"version={version}", "trainer.enable_model_summary=false",
-                   *overrides])
-    if status != 0:
-        raise SystemExit(status)
-    return run_dir
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.run_quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--runs-dir", default="runs", type=Path)
@@ -36,14 +24,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="an override for both fits (e.g. trainer.max_epochs=1 for a smoke run)")
     args = parser.parse_args(argv)
 
+    from experiments.accuracy import fit
     from experiments.report import write_report
 
     started = time.time()
     print("quickstart 1/3: the dense model, from scratch", flush=True)
-    dense = fit("quickstart/dense.yaml", args.runs_dir, args.version, args.set)
+    quiet = ["trainer.enable_model_summary=false", *args.set]
+    dense = fit("quickstart/dense.yaml", args.runs_dir, args.version, quiet)
     print("quickstart 2/3: EViT, fine-tuned from it", flush=True)
     evit = fit("quickstart/evit.yaml", args.runs_dir, args.version,
-               [f"model.weights={dense / 'checkpoints' / 'best.ckpt'}", *args.set])
+               [f"model.weights={dense / 'checkpoints' / 'best.ckpt'}", *quiet])
     print("quickstart 3/3: the report", flush=True)
     report = args.runs_dir / "quickstart" / f"report_{args.version}"
     write_report([dense, evit], report)
