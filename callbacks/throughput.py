@@ -129,6 +129,7 @@ def measure(module: nn.Module, images: Tensor, dense: DenseBaseline, *, precisio
     """One benchmark row (ROW_KEYS) for a module's student on `images` against a dense baseline. `gmacs`
     overrides the MACs of the timed batch (e.g. a validation average); `model` is what gets timed
     (default the student; e.g. its torch.compile'd version)."""
+    from lightning_modules import method_name
     from lightning_modules.macs import count_macs
 
     student = module.student
@@ -140,7 +141,7 @@ def measure(module: nn.Module, images: Tensor, dense: DenseBaseline, *, precisio
     timing = time_model(model if model is not None else student, images, precision, warmup, repeats)
     speedup = timing.images_per_sec / dense.timing.images_per_sec
     mac_ratio = dense.gmacs / gmacs
-    return dict(method=type(module).__name__.removesuffix("Module").lower(), backbone=module.hparams.backbone,
+    return dict(method=method_name(module), backbone=module.hparams.backbone,
                 batch_size=images.shape[0], precision=str(precision), images_per_sec=timing.images_per_sec,
                 dense_images_per_sec=dense.timing.images_per_sec, speedup=speedup, gmacs=gmacs,
                 dense_gmacs=dense.gmacs, mac_ratio=mac_ratio, efficiency=speedup / mac_ratio,

@@ -20,6 +20,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from callbacks.throughput import due_after_validation
+from lightning_modules import method_name
 from lightning_modules.trace import TokenTrace
 
 GREY = np.array([0.55, 0.55, 0.55])
@@ -188,7 +189,7 @@ class TokenMapCallback(Callback):
         std = getattr(datamodule, "std", (0.5, 0.5, 0.5))
         out_dir = Path(trainer.default_root_dir) / "token_maps"
         names = [f"epoch{trainer.current_epoch:03d}_image{i}" for i in range(self.images.shape[0])]
-        title = f"{type(pl_module).__name__.removesuffix('Module')} - epoch {trainer.current_epoch}"
+        title = f"{method_name(pl_module)} - epoch {trainer.current_epoch}"
         self.paths = save_figures(pl_module.student, self.images, out_dir, names, mean, std, self.layers, title,
                                   self.dpi)
         for logger in trainer.loggers:

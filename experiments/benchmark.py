@@ -28,7 +28,6 @@ BENCHMARK_KEYS: dict[str, Any] = {
     "device": str,
     "avit_depth": Optional[float],
 }
-STATIC_SHAPES = ("dense", "tome", "evit", "dynamicvit")  # torch.compile-able: fixed shapes per batch size
 
 
 def calibrate_halting(student: torch.nn.Module, images: torch.Tensor, depth_fraction: float) -> float:
@@ -64,13 +63,14 @@ def benchmark_module(module: Any, method: str, batch_sizes: list[int], *, precis
             calibrate_halting(module.student, images, avit_depth)
         dense = dense_baseline(module, images, precision, warmup, repeats)
         timed = None
-        if compile and method in STATIC_SHAPES:
+        static = type(module).static_shapes  # torch.compile-able: fixed shapes per batch size
+        if compile and static:
             timed = torch.compile(module.student)
         elif compile:
             print(f"leanvit benchmark: {method} changes shapes per input; timed without torch.compile", file=sys.stderr)
         row = measure(module, images, dense, precision=precision, warmup=warmup, repeats=repeats, model=timed)
         row["method"] = method
-        if compile and method in STATIC_SHAPES:  # compare compiled with compiled
+        if compile and static:  # compare compiled with compiled
             from lightning_modules.vit import ViTStudent, create_vit
 
             hp = module.hparams
@@ -133,7 +133,7 @@ def check_benchmark_options(cfg: dict[str, Any]) -> None:
 
 def benchmark_command(config: str, overrides: list[str]) -> int:
     """The `leanvit benchmark` command."""
-    from experiments.cli import build_objects, load_checked
+    from experiments.build import build_objects, load_checked
 
     cfg = load_checked(config, overrides, BENCHMARK_KEYS)
     check_benchmark_options(cfg)
@@ -165,7 +165,7 @@ GRID = {
 
 def run_grid(markdown: Path, warmup: int, repeats: int) -> list[dict[str, Any]]:
     """Run the standard grid here and rewrite this device's section of BENCHMARKS.md."""
-    from experiments.cli import build_objects, load_checked
+    from experiments.build import build_objects, load_checked
 
     gpu = torch.cuda.is_available()
     batch_sizes, precision = ([1, 32, 256], "bf16-mixed") if gpu else ([1, 32], "32")

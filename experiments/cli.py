@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from experiments.build import build_objects, check_model_fits_data, load_checked  # noqa: F401  (public here too)
+
 RUN_DIR_ENV = "LEANVIT_RUN_DIR"  # how the rank-0 process tells the DDP ranks it launches where the run lives
 RESUME_ENV = "LEANVIT_RESUME_CKPT"  # ... and which checkpoint it resumes ("" for a fresh start)
 DIVERGED_EXIT = 3  # a non-finite loss stopped training
@@ -333,55 +335,6 @@ def make_callbacks(cfg: dict[str, Any], run: Run, command: str) -> list[Any]:
     return callbacks
 
 
-def build_objects(cfg: dict[str, Any], resuming: bool, command: str) -> tuple[Any, Any]:
-    """The LightningModule and DataModule (and, for `fit`, the teacher); construction errors (a missing file,
-    a bad value, a teacher without weights, data that does not fit the model) become one line before any work
-    starts."""
-    from datamodules import DATAMODULES
-    from experiments.config import ConfigError
-    from lightning_modules import METHODS
-    from lightning_modules.base import default_teacher_weights
-
-    model_cfg = dict(cfg.get("model") or {})
-    if resuming:  # the checkpoint restores every student weight; do not fetch or read them first
-        backbone = model_cfg.get("backbone", "deit_small_patch16_224")
-        model_cfg["teacher_weights"] = default_teacher_weights(  # ... but a teacher may still start from them
-            backbone, model_cfg.get("teacher"), model_cfg.get("weights"), model_cfg.get("teacher_weights"))
-        model_cfg.update(pretrained=False, weights=None)
-    try:
-        datamodule = DATAMODULES[cfg.get("datamodule", "embedded")](**(cfg.get("data") or {}))
-        module = METHODS[cfg["method"]](**model_cfg)
-        if command in ("fit", "validate", "test"):
-            datamodule.setup(command)  # reads the data set: a missing or misshapen folder is reported now
-            check_model_fits_data(module, datamodule)
-        if command == "fit":
-            module.prepare_teacher()
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        raise ConfigError(str(err).splitlines()[0]) from err
-    except (OSError, RuntimeError) as err:
-        first = str(err).splitlines()[0] if str(err) else ""
-        if model_cfg.get("weights") is None and (model_cfg.get("pretrained") or model_cfg.get("teacher")):
-            raise ConfigError(f"model: could not load pretrained weights ({type(err).__name__}: {first}); "
-                              f"offline? use model.weights=FILE") from err
-        raise
-    return module, datamodule
-
-
-def check_model_fits_data(module: Any, datamodule: Any) -> None:
-    """The model's input size and classes against what the data gives."""
-    from experiments.config import ConfigError
-
-    embed = module.student.vit.patch_embed
-    if embed.img_size is not None and getattr(embed, "strict_img_size", True):
-        if tuple(embed.img_size) != (datamodule.img_size, datamodule.img_size):
-            raise ConfigError(f"data.img_size: {datamodule.img_size} px images for a model built for "
-                              f"{embed.img_size[0]} px (model.img_size); set both to the same size")
-    classes = len(getattr(datamodule, "classes", []) or [])
-    if classes > module.num_classes:
-        raise ConfigError(f"model.num_classes: {module.num_classes}, but the data has {classes} classes; set "
-                          f"model.num_classes={classes}")
-
-
 def write_config(cfg: dict[str, Any], run: Run) -> None:
     """The run's `config.yaml`. A resume whose config changes keys (e.g. `trainer.max_epochs`) keeps the earlier
     file as `config_history/<n>.yaml` and says what changed: a run's config is never silently rewritten."""
@@ -417,22 +370,6 @@ def summarise(metrics: dict[str, Any]) -> dict[str, float]:
         except (TypeError, ValueError):
             continue
     return out
-
-
-def load_checked(config: str, overrides: list[str], extra_top_level: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Load, merge and resolve a config, and check every key against what it configures."""
-    import pytorch_lightning as pl
-
-    from callbacks import CALLBACKS
-    from datamodules import DATAMODULES
-    from experiments.config import check_config, load_config, to_plain
-    from lightning_modules import METHODS
-
-    cfg_node, origins = load_config(config, overrides)
-    cfg = to_plain(cfg_node, origins)
-    check_config(cfg, origins, methods=METHODS, datamodules=DATAMODULES, callbacks=CALLBACKS,
-                 trainer_cls=pl.Trainer, extra_top_level=extra_top_level or {})
-    return cfg
 
 
 class _DropLightningTips:

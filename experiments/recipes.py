@@ -64,9 +64,10 @@ def _teacher(c: dict[str, Any]) -> str:
 
 
 def _setting(c: dict[str, Any]) -> str:
+    from lightning_modules import METHODS
+
     m = c["model"]
-    keys = {"tome": ("r",), "evit": ("keep_rate",), "dynamicvit": ("keep_rate",), "avit": ("gate_scale", "gate_center")}
-    return ", ".join(f"{k} {m[k]}" for k in keys.get(c["method"], ())) or "-"
+    return ", ".join(f"{k} {m[k]}" for k in METHODS[c["method"]].setting_keys) or "-"
 
 
 # (header, cell) for the columns read from a config; README adds: GPUs, global batch, reproduces, differs.
@@ -104,7 +105,7 @@ def experiment_yamls() -> list[Path]:
 
 
 def main() -> None:
-    from experiments.cli import load_checked
+    from experiments.build import load_checked
 
     print("| YAML | " + " | ".join(h for h, _ in COLUMNS) + " |")
     for path in experiment_yamls():

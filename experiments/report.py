@@ -14,10 +14,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-SETTING_KEYS = {"tome": ("r",), "evit": ("keep_rate",), "dynamicvit": ("keep_rate",),
-                "avit": ("gate_scale", "gate_center")}
-
-
 @dataclass
 class RunSummary:
     run: str
@@ -47,6 +43,13 @@ def last(rows: list[dict[str, str]], key: str) -> Optional[float]:
     return values[-1] if values else None
 
 
+def setting_keys(method: str) -> tuple[str, ...]:
+    """The `model:` keys that label a run of this method (none for an unknown one)."""
+    from lightning_modules import METHODS
+
+    return METHODS[method].setting_keys if method in METHODS else ()
+
+
 def method_default(method: str, key: str) -> Any:
     """A method's constructor default, for settings a run's config left implicit."""
     from experiments.config import signature_params
@@ -69,7 +72,7 @@ def summarise_run(run_dir: Path) -> RunSummary:
     config = yaml.safe_load(config_path.read_text()) or {}
     model = config.get("model") or {}
     method = str(config.get("method", "?"))
-    setting = " ".join(f"{k}={model.get(k, method_default(method, k))}" for k in SETTING_KEYS.get(method, ()))
+    setting = " ".join(f"{k}={model.get(k, method_default(method, k))}" for k in setting_keys(method))
     rows = read_metrics(run_dir)
     results: dict[str, Any] = {}
     for name in ("results_test.json", "results_validate.json", "results_fit.json"):

@@ -16,4 +16,18 @@ METHODS: dict[str, type[ReductionModule]] = {
     "avit": AViTModule,
 }
 
-__all__ = ["METHODS", "ReductionModule"]
+
+
+def method_name(module: ReductionModule | type[ReductionModule]) -> str:
+    """The registry name of a method's module (or class): `METHODS[method_name(m)] is type(m)`."""
+    cls = module if isinstance(module, type) else type(module)
+    for name, method in METHODS.items():
+        if method is cls:
+            return name
+    for name, method in METHODS.items():  # a subclass of a registered method
+        if issubclass(cls, method):
+            return name
+    raise KeyError(f"{cls.__name__} is not a registered method (lightning_modules.METHODS)")
+
+
+__all__ = ["METHODS", "ReductionModule", "method_name"]

@@ -19,12 +19,12 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lightning_modules.base import ReductionModule
+from lightning_modules.layers import ReductionAttention
 from lightning_modules.trace import TokenTrace, TraceRecorder
 from lightning_modules.vit import ViTStudent
 
@@ -102,48 +102,21 @@ class PackedLayout:
         return cls(image, position, row_of_image[image], rank, counts, lengths, uniform)
 
 
-class AViTAttention(Attention):
-    """timm's Attention with A-ViT's halted-key bias (masked path) and a varlen packed path (inference)."""
-
-    def forward(self, x: Tensor, key_bias: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
-        """x: (B, N, C); key_bias: (B, 1, 1, N) added to every logit towards each key."""
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = self._attend(qkv, key_bias).transpose(1, 2).reshape(B, N, self.attn_dim)
-        return self._project(x, out)
-
-    def forward_packed(self, x: Tensor, layout: PackedLayout) -> Tensor:
-        """x: (T, C) active tokens of all running images -> (T, C); attention stays within each image."""
-        qkv = self.qkv(x)  # (T, 3C): the linear layers see no padding
-        rows, length = layout.lengths.shape[0], int(layout.lengths.max())
-        if layout.uniform:
-            padded, mask = qkv.reshape(rows, length, -1), None
-        else:
-            padded = qkv.new_zeros(rows, length, qkv.shape[1])
-            padded[layout.row, layout.rank] = qkv
-            mask = (torch.arange(length, device=x.device) < layout.lengths[:, None])[:, None, None, :]
-        qkv = padded.reshape(rows, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = self._attend(qkv, mask).transpose(1, 2).reshape(rows, length, self.attn_dim)  # (B', L, C)
-        out = out.reshape(-1, self.attn_dim) if layout.uniform else out[layout.row, layout.rank]
-        return self._project(x, out)
-
-    def _attend(self, qkv: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """qkv: (3, B, H, N, D), mask: bool (True = attend) or float bias -> (B, H, N, D)."""
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                  dropout_p=self.attn_drop.p if self.training else 0.0)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        if mask is not None:
-            attn = attn.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else attn + mask
-        return self.attn_drop(attn.softmax(dim=-1)) @ v
-
-    def _project(self, inputs: Tensor, x: Tensor) -> Tensor:
-        x = self.norm(x)
-        if self.gate is not None:
-            x = x * self.gate(inputs).sigmoid()
-        return self.proj_drop(self.proj(x))
+def attend_packed(attn: ReductionAttention, x: Tensor, layout: PackedLayout) -> Tensor:
+    """timm's attention on packed tokens. x: (T, C) active tokens of all running images -> (T, C); each image's
+    tokens attend only to each other (the linear layers see no padding; the attention pads per image)."""
+    qkv = attn.qkv(x)  # (T, 3C)
+    rows, length = layout.lengths.shape[0], int(layout.lengths.max())
+    if layout.uniform:
+        padded, mask = qkv.reshape(rows, length, -1), None
+    else:
+        padded = qkv.new_zeros(rows, length, qkv.shape[1])
+        padded[layout.row, layout.rank] = qkv
+        mask = (torch.arange(length, device=x.device) < layout.lengths[:, None])[:, None, None, :]  # (B', 1, 1, L)
+    qkv = padded.reshape(rows, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    out = attn.attend(qkv, mask)[0].transpose(1, 2).reshape(rows, length, attn.attn_dim)  # (B', L, C)
+    out = out.reshape(-1, attn.attn_dim) if layout.uniform else out[layout.row, layout.rank]
+    return attn.project(x, out)
 
 
 class AViTBlock(Block):
@@ -156,11 +129,11 @@ class AViTBlock(Block):
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         keep = (1.0 - halted)[..., None]
         bias = (halted * MASKED_KEY_BIAS)[:, None, None, :].to(x.dtype)
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x * keep) * keep, bias)))
+        x = x + self.drop_path1(self.ls1(self.attn.forward_reduce(self.norm1(x * keep) * keep, bias).x))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x * keep) * keep)))
 
     def forward_packed(self, x: Tensor, layout: PackedLayout) -> Tensor:
-        x = x + self.ls1(self.attn.forward_packed(self.norm1(x), layout))
+        x = x + self.ls1(attend_packed(self.attn, self.norm1(x), layout))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
@@ -266,7 +239,7 @@ class AViTStudent(ViTStudent):
         """Point the owner map at the packed positions of the active tokens (and record a block's counts)."""
         where = torch.full((B, N), -1, dtype=torch.long, device=layout.image.device)
         where[layout.image, layout.position] = layout.rank
-        recorder.owner = where[:, recorder.num_prefix_tokens:]
+        recorder.place(where[:, recorder.num_prefix_tokens:])
         if block:
             recorder.block(layout.counts)
 
@@ -300,6 +273,11 @@ class AViTModule(ReductionModule):
     over every image's patch tokens. The keep-rate schedule, when configured, ramps the ponder weight from 0
     (the official code's unused halting warm-up)."""
 
+    static_shapes = False  # each image runs its own token counts
+    setting_keys = ("gate_scale", "gate_center")
+    off_settings = {"gate_center": 1e4}  # sigmoid(x * scale - 1e4) = 0: no token halts before the last block
+    demo_settings = {"gate_center": 3.0}
+
     def __init__(
         self,
         *,
@@ -310,7 +288,6 @@ class AViTModule(ReductionModule):
         prior_weight: float = 1e-3,
         prior_target_depth: float = 8.0,
         prior_mean_over: Literal["batch", "tokens"] = "batch",
-        keep_rate_schedule: Optional[dict[str, float]] = None,
         **shared: Any,
     ) -> None:
         super().__init__(**shared)
@@ -325,9 +302,7 @@ class AViTModule(ReductionModule):
         self.ponder_weight = ponder_weight
         self.prior_weight = prior_weight
         self.prior_mean_over = prior_mean_over
-        self.keep_rate_schedule = keep_rate_schedule
-        self.build_student(AViTStudent, block_fn=AViTBlock, vit_kwargs={"attn_layer": AViTAttention},
-                           gate_scale=gate_scale, gate_center=gate_center, eps=eps)
+        self.build_student(AViTStudent, block_fn=AViTBlock, gate_scale=gate_scale, gate_center=gate_center, eps=eps)
         self.register_buffer("prior_target", gaussian_depth_prior(self.student.depth, prior_target_depth),
                              persistent=False)
         self.depth_stats = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})

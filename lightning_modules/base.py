@@ -1,14 +1,17 @@
 """ReductionModule: what every method shares - student/teacher building, the training step around a
 composite loss, metrics, optimiser and schedule.
 
-A method subclasses it, builds its student with `build_student(StudentClass, block_fn=...)` and, when its
-loss has more terms than classification (+ DeiT distillation), overrides `loss_terms` and `loss_weights`.
+A method subclasses it, builds its student with `build_student(StudentClass, block_fn=...)` (its blocks get
+`layers.ReductionAttention`), maps the keep-rate schedule's strength onto its knob in `apply_reduction` and,
+when its loss has more terms than classification (+ DeiT distillation), overrides `loss_terms` and
+`loss_weights`. Facts about a method that other code reads are class attributes (`static_shapes`,
+`setting_keys`, `off_settings`, `demo_settings`), so `METHODS` is the only list of methods.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -22,7 +25,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_modules.layers import ReductionAttention
 from lightning_modules.macs import count_macs
+from lightning_modules.schedule import KeepRateSchedule
 from lightning_modules.trace import TokenTrace
 from lightning_modules.vit import ViTStudent, create_teacher, create_vit, load_weights
 
@@ -79,6 +84,34 @@ def check_shared_args(hp: Any) -> None:
     need(hp.ema_decay is None or 0 < hp.ema_decay < 1, "ema_decay", "a decay in (0, 1), e.g. 0.99996 (or null: no EMA)")
 
 
+def check_keep_rate_schedule(method: type, schedule: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+    """`keep_rate_schedule: {start_epoch, shrink_epochs}` (epochs >= 0), for a method with a reduction to schedule."""
+    if not schedule:
+        return None
+    if method.apply_reduction is ReductionModule.apply_reduction:
+        raise ValueError(f"model.keep_rate_schedule: {method.__name__} has no reduction to schedule; remove it")
+    unknown = sorted(set(schedule) - {"start_epoch", "shrink_epochs"})
+    if unknown:
+        raise ValueError(f"model.keep_rate_schedule: unknown key(s) {unknown}; expected start_epoch and shrink_epochs")
+    for key, value in schedule.items():
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"model.keep_rate_schedule.{key}: expected epochs >= 0, got {value!r}")
+    return dict(schedule)
+
+
+def check_keep_rate(keep_rate: float) -> None:
+    if not 0.0 < keep_rate <= 1.0:
+        raise ValueError(f"model.keep_rate: expected a value in (0, 1], got {keep_rate}")
+
+
+def check_reduction_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
+    """Block indices a method reduces at (before or inside): each in [0, depth)."""
+    bad = [layer for layer in layers if not 0 <= layer < depth]
+    if bad:
+        raise ValueError(f"model.reduction_layers: {bad} outside the {depth} blocks")
+    return tuple(int(layer) for layer in layers)
+
+
 class MeanVector(Metric):
     """Mean of a per-sample vector over every sample seen (all ranks): `(B, K)` updates -> `(K,)`."""
 
@@ -99,6 +132,12 @@ class MeanVector(Metric):
 
 class ReductionModule(pl.LightningModule):
     """Shared LightningModule. The constructor's keyword arguments are the YAML `model:` section."""
+
+    # What the rest of leanvit needs to know about a method (each method class sets its own):
+    static_shapes: bool = True  # inference has the same shapes for every input: torch.compile and CUDA graphs apply
+    setting_keys: tuple[str, ...] = ()  # the `model:` keys that label a run of this method in reports
+    off_settings: dict[str, Any] = {}  # constructor keywords that turn the reduction off: timm's logits exactly
+    demo_settings: dict[str, Any] = {}  # keywords under which a micro ViT of 3 blocks or more visibly reduces (tests)
 
     def __init__(
         self,
@@ -133,6 +172,7 @@ class ReductionModule(pl.LightningModule):
         label_smoothing: float = 0.1,
         ema_decay: Optional[float] = None,
         train_mode: bool = True,
+        keep_rate_schedule: Optional[dict[str, float]] = None,
     ) -> None:
         super().__init__()
         # Plain containers only: the hyperparameters go into every checkpoint (read with weights_only=True).
@@ -151,6 +191,7 @@ class ReductionModule(pl.LightningModule):
         self.teacher_name = teacher
         self.teacher_weights = default_teacher_weights(backbone, teacher, weights, teacher_weights)
         self.train_mode = train_mode
+        self.keep_rate_schedule = check_keep_rate_schedule(type(self), keep_rate_schedule)
         # Built in setup("fit") only: evaluation never needs it (nor its hub weights).
         self.teacher: Optional[nn.Module] = None
         self.mixup_fn = (
@@ -176,6 +217,8 @@ class ReductionModule(pl.LightningModule):
         """Create the timm ViT with the method's blocks (and `vit_kwargs`, e.g. `attn_layer`), wrap it in
         `student_cls(vit, **student_kwargs)`, load `weights`, and set up EMA."""
         hp = self.hparams
+        if block_fn is not None:  # a method's blocks: attention with what reduction needs beside fused SDPA
+            vit_kwargs = {"attn_layer": ReductionAttention} | (vit_kwargs or {})
         vit = create_vit(
             hp.backbone, num_classes=hp.num_classes, img_size=hp.img_size,
             pretrained=hp.pretrained and hp.weights is None, drop_path_rate=hp.drop_path_rate,
@@ -364,12 +407,9 @@ class ReductionModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------ checkpoints
     def configure_callbacks(self) -> list[Any]:
         """The method's own callbacks: its keep-rate schedule when `keep_rate_schedule` is configured."""
-        schedule = getattr(self, "keep_rate_schedule", None)
-        if not schedule:
+        if not self.keep_rate_schedule:
             return []
-        from callbacks.keep_rate import KeepRateSchedule
-
-        return [KeepRateSchedule(**schedule)]
+        return [KeepRateSchedule(**self.keep_rate_schedule)]
 
     def apply_reduction(self, alpha: float) -> dict[str, float]:
         """Set the reduction strength in [0, 1] (the keep-rate schedule); returns values to log."""

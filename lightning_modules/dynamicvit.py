@@ -9,17 +9,19 @@ teacher's logits + MSE to its final tokens at the kept positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.optim import param_groups_weight_decay
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from lightning_modules.base import ReductionModule
-from lightning_modules.trace import TokenTrace, TraceRecorder, kept_dest
+from lightning_modules.base import ReductionModule, check_keep_rate, check_reduction_layers
+from lightning_modules.ops import keep_topk
+from lightning_modules.trace import TokenTrace, TraceRecorder
 from lightning_modules.vit import ViTStudent
 
 
@@ -74,30 +76,16 @@ class PredictorLG(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ layers
-class DynamicViTAttention(Attention):
-    """timm's Attention; with a keep `policy (B, N)` it uses the explicit policy softmax (training)."""
+class DynamicViTBlock(Block):
+    """timm's Block whose attention takes a keep `policy (B, N)` through the policy softmax (training); None:
+    timm's block unchanged."""
 
     def forward(self, x: Tensor, policy: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
         if policy is None:
-            return super().forward(x)
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        attn = self.attn_drop(policy_softmax((q * self.scale) @ k.transpose(-2, -1), policy))
-        x = (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
-
-
-class DynamicViTBlock(Block):
-    """timm's Block passing a keep policy to its attention (None: plain attention)."""
-
-    def forward(self, x: Tensor, policy: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), policy)))
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        else:
+            softmax = partial(policy_softmax, policy=policy)
+            x = x + self.drop_path1(self.ls1(self.attn.forward_reduce(self.norm1(x), softmax=softmax).x))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -118,11 +106,8 @@ class DynamicViTStudent(ViTStudent):
 
     def __init__(self, vit: Any, keep_rate: float = 0.7, reduction_layers: tuple[int, ...] = (3, 6, 9)) -> None:
         super().__init__(vit)
-        bad = [layer for layer in reduction_layers if not 0 <= layer < len(vit.blocks)]
-        if bad:
-            raise ValueError(f"model.reduction_layers: {bad} outside the {len(vit.blocks)} blocks")
         self.keep_rate = keep_rate
-        self.reduction_layers = tuple(reduction_layers)
+        self.reduction_layers = check_reduction_layers(reduction_layers, len(vit.blocks))
         self.score_predictor = nn.ModuleList(PredictorLG(vit.embed_dim) for _ in self.reduction_layers)
 
     def extra_macs(self, trace: TokenTrace) -> Tensor:
@@ -144,24 +129,27 @@ class DynamicViTStudent(ViTStudent):
             x, decisions = self.masked_blocks(x, recorder)
             kept = decisions[-1].sum(1) if decisions else None
             return x, None if kept is None else kept + self.num_prefix_tokens
-        prefix = self.num_prefix_tokens
-        num_patches = x.shape[1] - prefix
-        ratios = keep_ratios(self.keep_rate, len(self.reduction_layers))
-        mask = x.new_ones(x.shape[0], num_patches, 1)
-        for layer, block in enumerate(self.vit.blocks):
-            if layer in self.reduction_layers:
-                stage = self.reduction_layers.index(layer)
-                score = self.score_predictor[stage](x[:, prefix:], mask)[..., 0]  # (B, N) keep log-prob
-                keep = min(int(num_patches * ratios[stage]), score.shape[1])
-                idx = score.topk(keep, dim=1, sorted=True).indices  # descending score, as the official argsort
-                x = torch.cat([x[:, :prefix], x[:, prefix:].gather(1, idx[..., None].expand(-1, -1, x.shape[2]))], 1)
-                mask = mask.gather(1, idx[..., None])
-                if recorder is not None:
-                    recorder.remap(kept_dest(idx, prefix + score.shape[1], prefix))
-            if recorder is not None:
-                recorder.block(x.shape[1])
-            x = self.run_block(block, x)
+        x, _ = super().forward_blocks(x, recorder)
         return x, None
+
+    def before_block(self, layer: int, x: Tensor, num_patches: Optional[int],
+                     recorder: Optional[TraceRecorder]) -> tuple[Tensor, int]:
+        """Inference: before a reduction layer keep the top `int(N0 * rho^s)` patch tokens by the predictor's
+        keep score (state: N0, the patch tokens entering the first block)."""
+        prefix = self.num_prefix_tokens
+        num_patches = x.shape[1] - prefix if num_patches is None else num_patches
+        if layer not in self.reduction_layers:
+            return x, num_patches
+        stage = self.reduction_layers.index(layer)
+        tokens = x[:, prefix:]
+        score = self.score_predictor[stage](tokens, tokens.new_ones(*tokens.shape[:2], 1))[..., 0]  # (B, N) keep log-prob
+        keep = min(int(num_patches * keep_ratios(self.keep_rate, stage + 1)[stage]), score.shape[1])
+        if keep < score.shape[1]:
+            # descending score, as the official argsort; the official mask is all ones at inference
+            x, dest = keep_topk(x, score, keep, prefix)
+            if recorder is not None:
+                recorder.remap(dest)
+        return x, num_patches
 
     def masked_blocks(self, x: Tensor, recorder: Optional[TraceRecorder] = None) -> tuple[Tensor, list[Tensor]]:
         """Training: every token stays, a cumulative Gumbel keep mask gates all attention (policy softmax)."""
@@ -208,6 +196,11 @@ class DynamicViTModule(ReductionModule):
     weight decay on every predictor parameter; cls_token and pos_embed frozen.
     """
 
+    static_shapes = True
+    setting_keys = ("keep_rate",)
+    off_settings = {"keep_rate": 1.0}
+    demo_settings = {"keep_rate": 0.6, "reduction_layers": [1, 2]}
+
     def __init__(
         self,
         *,
@@ -219,12 +212,10 @@ class DynamicViTModule(ReductionModule):
         backbone_lr_scale: float = 0.01,
         backbone_freeze_epochs: float = 5.0,
         optimizer_recipe: Literal["main", "neurips"] = "main",
-        keep_rate_schedule: Optional[dict[str, float]] = None,
         **shared: Any,
     ) -> None:
         super().__init__(**shared)
-        if not 0.0 < keep_rate <= 1.0:
-            raise ValueError(f"model.keep_rate: expected a value in (0, 1], got {keep_rate}")
+        check_keep_rate(keep_rate)
         if self.distillation != "none":
             raise ValueError("model.distillation: DynamicViT distils from its teacher through kl_weight and "
                              "distill_weight; leave distillation at none")
@@ -237,10 +228,7 @@ class DynamicViTModule(ReductionModule):
         if optimizer_recipe not in ("main", "neurips"):
             raise ValueError(f"model.optimizer_recipe: expected main or neurips, got {optimizer_recipe!r}")
         self.optimizer_recipe = optimizer_recipe
-        self.keep_rate_schedule = keep_rate_schedule
-        self.build_student(DynamicViTStudent, block_fn=DynamicViTBlock,
-                           vit_kwargs={"attn_layer": DynamicViTAttention},
-                           keep_rate=keep_rate, reduction_layers=tuple(reduction_layers))
+        self.build_student(DynamicViTStudent, block_fn=DynamicViTBlock, keep_rate=keep_rate, reduction_layers=tuple(reduction_layers))
         for frozen in (self.student.vit.cls_token, self.student.vit.pos_embed):
             if frozen is not None:
                 frozen.requires_grad_(False)

@@ -85,6 +85,10 @@ class TraceRecorder:
         positions = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
         self.remap(positions.masked_fill(~keep, -1))
 
+    def place(self, owner: Tensor) -> None:
+        """Set the owner map outright (`(B, N0)`, -1 when gone): for methods that track positions themselves."""
+        self.owner = owner
+
     def block(self, tokens: Tensor | int) -> None:
         """Record the tokens entering the next block; its MLP defaults to the same count."""
         self.owners.append(self.owner)

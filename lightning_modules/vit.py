@@ -2,8 +2,9 @@
 
 The student wraps a timm `VisionTransformer` built by `timm.create_model(name, block_fn=...)`, so every
 timm ViT variant (LayerScale, qk-norm, distillation or register tokens, avg-pool heads) keeps its own
-embedding, norms and head. A method subclasses `ViTStudent` and overrides `forward_blocks` (and
-`forward_head` when the head must know about the reduction).
+embedding, norms and head. A method subclasses `ViTStudent`: a method that reduces inside blocks gives
+`ReductionBlock`s and `layer_settings`, one that reduces between blocks `before_block`; an adaptive one
+overrides `forward_blocks`. `forward_head` when the head must know about the reduction.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_modules.layers import ReductionBlock
 from lightning_modules.trace import TokenTrace, TraceRecorder
 
 log = logging.getLogger(__name__)
@@ -147,6 +149,9 @@ class ViTStudent(nn.Module):
     def __init__(self, vit: VisionTransformer) -> None:
         super().__init__()
         self.vit = vit
+        for block in vit.blocks:
+            if isinstance(block, ReductionBlock):
+                block.num_prefix = vit.num_prefix_tokens  # class, distillation, registers: never reduced
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -190,15 +195,47 @@ class ViTStudent(nn.Module):
         return logits, recorder.finish(self.tokens_out(x, state))
 
     def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder]) -> tuple[Tensor, Any]:
-        """Run every block; return the tokens and whatever per-forward state the head needs (None here)."""
-        for block in self.vit.blocks:
+        """Run every block and keep the token trace; return the tokens and the state the head needs.
+
+        The loop every fixed-count method shares: `before_block` may reduce between blocks (DynamicViT), a
+        `ReductionBlock` gets its `layer_settings()` entry and the state it returned last and may reduce
+        inside the block (ToMe, EViT); plain timm blocks run as they are.
+        """
+        state: Any = None
+        for layer, (block, setting) in enumerate(zip(self.vit.blocks, self.layer_settings())):
+            x, state = self.before_block(layer, x, state, recorder)
             if recorder is not None:
                 recorder.block(x.shape[1])
-            x = self.run_block(block, x)
-        return x, None
+            if not isinstance(block, ReductionBlock):
+                x = self.run_block(block, x)
+                continue
+            x, state, dest = self.run_block(block, x, state, setting, recorder is not None)
+            if recorder is not None and dest is not None:
+                recorder.remap(dest)
+                recorder.mlp(x.shape[1])
+        return x, state
+
+    def layer_settings(self) -> list[Any]:
+        """What each block's reduction gets (None: that block runs dense)."""
+        return [None] * self.depth
+
+    def before_block(self, layer: int, x: Tensor, state: Any, recorder: Optional[TraceRecorder]) -> tuple[Tensor, Any]:
+        """A reduction between blocks, before block `layer` (reporting its token map to `recorder`); none here."""
+        return x, state
 
     def forward_head(self, x: Tensor, state: Any) -> Tensor:
         return self.vit.forward_head(x)
+
+    def size_weighted_head(self, x: Tensor, size: Optional[Tensor]) -> Tensor:
+        """The head of a merging method (state: token sizes `(B, N, 1)`, None before any merge). Class-token
+        heads read token 0 (never merged); global average pooling weighs each token by its size, the mean over
+        the original patches (ToMe's MAE patch)."""
+        vit = self.vit
+        if size is None or vit.attn_pool is not None or vit.global_pool != "avg":
+            return vit.forward_head(x)
+        prefix = self.num_prefix_tokens
+        pooled = (x * size)[:, prefix:].sum(dim=1) / size[:, prefix:].sum(dim=1)
+        return vit.head(vit.head_drop(vit.fc_norm(pooled)))
 
     def tokens_out(self, x: Tensor, state: Any) -> Tensor | int:
         """Tokens leaving the last block (per image for adaptive methods)."""

@@ -11,7 +11,8 @@ import torch
 
 from conftest import FAST, QUICKSTART, assert_fused_matches_explicit, leanvit, micro_vit
 from lightning_modules import METHODS
-from lightning_modules.evit import EViTAttention, EViTBlock, EViTStudent, class_attention, keep_attentive, kept_tokens
+from lightning_modules.evit import EViTBlock, EViTStudent, keep_attentive, kept_tokens
+from lightning_modules.layers import ReductionAttention, class_attention
 from test_dense import VARIANTS
 from test_training import column, metrics
 
@@ -63,7 +64,7 @@ def test_class_attention_row_equals_the_full_matrix() -> None:
 def evit_student(vit: torch.nn.Module, keep_rate: float, layers: tuple[int, ...] = (1, 3, 4), fuse: bool = True,
                  **create: object) -> EViTStudent:
     name = create.pop("name", "vit_micro_patch4_32")
-    evit_vit = timm.create_model(name, num_classes=10, block_fn=EViTBlock, attn_layer=EViTAttention, **create)
+    evit_vit = timm.create_model(name, num_classes=10, block_fn=EViTBlock, attn_layer=ReductionAttention, **create)
     evit_vit.load_state_dict(vit.state_dict())
     return EViTStudent(evit_vit, keep_rate, layers, fuse).eval()
 

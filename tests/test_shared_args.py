@@ -18,11 +18,6 @@ from datamodules import EmbeddedDataModule
 from lightning_modules import METHODS
 
 DEPTH = 3
-SETTINGS: dict[str, dict[str, Any]] = {
-    "dense": {}, "tome": {"r": 4}, "evit": {"keep_rate": 0.5, "reduction_layers": [1]},
-    "dynamicvit": {"keep_rate": 0.6, "reduction_layers": [1], "backbone_freeze_epochs": 0},
-    "avit": {"gate_center": 3.0},
-}
 # Shared arguments a method refuses, with the key its one-line error names.
 REFUSED = {("dynamicvit", "distillation"): "model.distillation"}
 
@@ -38,14 +33,10 @@ def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def build(method: str, **shared: Any) -> pl.LightningModule:
     torch.manual_seed(0)
     return METHODS[method](backbone="deit_micro_distilled_patch4_32", num_classes=10, lr_reference_batch=None,
-                           backbone_kwargs={"depth": DEPTH}, warmup_epochs=0, **SETTINGS[method], **shared)
+                           backbone_kwargs={"depth": DEPTH}, warmup_epochs=0, **METHODS[method].demo_settings, **shared)
 
 
-def test_every_method_is_covered() -> None:
-    assert set(SETTINGS) == set(METHODS)
-
-
-@pytest.mark.parametrize("method", list(SETTINGS))
+@pytest.mark.parametrize("method", list(METHODS))
 def test_distillation_is_honoured_or_refused(method: str, teacher_file: Path) -> None:
     kwargs = dict(teacher="vit_micro_patch4_32", teacher_weights=str(teacher_file), distillation="soft")
     if (method, "distillation") in REFUSED:
@@ -113,7 +104,7 @@ class Spies(pl.Callback):
 
 
 @pytest.mark.parametrize("train_mode", [True, False])
-@pytest.mark.parametrize("method", list(SETTINGS))
+@pytest.mark.parametrize("method", list(METHODS))
 def test_shared_training_arguments_all_run(method: str, train_mode: bool, teacher_file: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     distill = (method, "distillation") not in REFUSED

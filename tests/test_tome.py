@@ -11,7 +11,9 @@ import torch
 
 from conftest import FAST, QUICKSTART, assert_fused_matches_explicit, leanvit, micro_vit
 from lightning_modules import METHODS
-from lightning_modules.tome import ToMeAttention, ToMeBlock, ToMeStudent, bipartite_soft_matching, merge_wavg, parse_r
+from lightning_modules.layers import ReductionAttention
+from lightning_modules.ops import bipartite_soft_matching, merge_wavg
+from lightning_modules.tome import ToMeBlock, ToMeStudent, parse_r
 from test_dense import VARIANTS
 
 
@@ -100,7 +102,7 @@ def test_protected_tokens_are_never_sources_or_destinations() -> None:
 def tome_student(vit: torch.nn.Module, r: int | list[int], prop_attn: bool = True, **create: object) -> ToMeStudent:
     """A ToMe student with the weights of a given timm ViT."""
     name = create.pop("name", "vit_micro_patch4_32")
-    tome_vit = timm.create_model(name, num_classes=10, block_fn=ToMeBlock, attn_layer=ToMeAttention, **create)
+    tome_vit = timm.create_model(name, num_classes=10, block_fn=ToMeBlock, attn_layer=ReductionAttention, **create)
     tome_vit.load_state_dict(vit.state_dict())
     return ToMeStudent(tome_vit, r=r, prop_attn=prop_attn).eval()
 
