@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 SCRATCH = "canvas/dense_scratch.yaml"
-FINETUNES = ["canvas/dense.yaml", "canvas/tome.yaml", "canvas/evit.yaml", "canvas/dynamicvit.yaml", "canvas/avit.yaml"]
+
+
+def finetunes() -> list[str]:
+    """Every method's canvas recipe (`canvas/<method>.yaml`, the dense one first), in registry order."""
+    from experiments.config import EXPERIMENTS_DIR
+    from lightning_modules import METHODS
+
+    return [f"canvas/{m}.yaml" for m in METHODS if (EXPERIMENTS_DIR / "canvas" / f"{m}.yaml").is_file()]
+
+
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 BEGIN, END = "<!-- accuracy -->", "<!-- end accuracy -->"
 
@@ -102,7 +111,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import torch
 
-    total = len(FINETUNES) + (0 if args.weights else 1)
+    configs = finetunes()
+    total = len(configs) + (0 if args.weights else 1)
     step = 0
     if args.weights:
         weights, start = Path(args.weights), {"acc1": float("nan")}
@@ -116,7 +126,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         weights = scratch / "checkpoints" / "best.ckpt"
         start = {"acc1": json.loads((scratch / "results_fit.json").read_text())["best/val/acc1"]}
     runs = []
-    for config in FINETUNES:
+    for config in configs:
         step += 1
         print(f"make accuracy: [{step}/{total}] {config} from {weights}", flush=True)
         runs.append(fit(config, args.runs_dir, args.version, [*QUIET, f"model.weights={weights}", *args.set]))

@@ -6,6 +6,7 @@ from lightning_modules.base import ReductionModule
 from lightning_modules.dense import DenseModule
 from lightning_modules.dynamicvit import DynamicViTModule
 from lightning_modules.evit import EViTModule
+from lightning_modules.pitome import PiToMeModule
 from lightning_modules.tome import ToMeModule
 
 METHODS: dict[str, type[ReductionModule]] = {
@@ -14,6 +15,7 @@ METHODS: dict[str, type[ReductionModule]] = {
     "evit": EViTModule,
     "dynamicvit": DynamicViTModule,
     "avit": AViTModule,
+    "pitome": PiToMeModule,
 }
 
 
