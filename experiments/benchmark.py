@@ -156,10 +156,12 @@ def benchmark_command(config: str, overrides: list[str]) -> int:
 GRID = {
     "deit_tiny": [("deit_tiny/dense.yaml", []), ("deit_tiny/tome_r12.yaml", ["model.r=13"]),
                   ("deit_tiny/evit_kr0.7.yaml", []), ("deit_tiny/dynamicvit_r0.7.yaml", []),
-                  ("deit_tiny/avit.yaml", ["avit_depth=0.63"]), ("deit_tiny/pitome_ratio0.9125.yaml", [])],
+                  ("deit_tiny/avit.yaml", ["avit_depth=0.63"]), ("deit_tiny/pitome_ratio0.9125.yaml", []),
+                  ("deit_tiny/diffrate_0.9g.yaml", [])],
     "deit_small": [("deit_small/dense.yaml", []), ("deit_small/tome_r13.yaml", []),
                    ("deit_small/evit_kr0.7.yaml", []), ("deit_small/dynamicvit_r0.7.yaml", []),
-                   ("deit_small/avit.yaml", ["avit_depth=0.78"]), ("deit_small/pitome_ratio0.9125.yaml", [])],
+                   ("deit_small/avit.yaml", ["avit_depth=0.78"]), ("deit_small/pitome_ratio0.9125.yaml", []),
+                   ("deit_small/diffrate_2.9g.yaml", [])],
 }
 
 

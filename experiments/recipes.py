@@ -67,7 +67,7 @@ def _setting(c: dict[str, Any]) -> str:
     from lightning_modules import METHODS
 
     m = c["model"]
-    return ", ".join(f"{k} {m[k]}" for k in METHODS[c["method"]].setting_keys) or "-"
+    return ", ".join(f"{k} {m[k]}" for k in METHODS[c["method"]].setting_keys if m.get(k) is not None) or "-"
 
 
 # (header, cell) for the columns read from a config; README adds: GPUs, global batch, reproduces, differs.

@@ -72,7 +72,8 @@ def summarise_run(run_dir: Path) -> RunSummary:
     config = yaml.safe_load(config_path.read_text()) or {}
     model = config.get("model") or {}
     method = str(config.get("method", "?"))
-    setting = " ".join(f"{k}={model.get(k, method_default(method, k))}" for k in setting_keys(method))
+    values = {k: model.get(k, method_default(method, k)) for k in setting_keys(method)}
+    setting = " ".join(f"{k}={v}" for k, v in values.items() if v is not None)
     rows = read_metrics(run_dir)
     results: dict[str, Any] = {}
     for name in ("results_test.json", "results_validate.json", "results_fit.json"):

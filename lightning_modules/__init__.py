@@ -4,6 +4,7 @@ from __future__ import annotations
 from lightning_modules.avit import AViTModule
 from lightning_modules.base import ReductionModule
 from lightning_modules.dense import DenseModule
+from lightning_modules.diffrate import DiffRateModule
 from lightning_modules.dynamicvit import DynamicViTModule
 from lightning_modules.evit import EViTModule
 from lightning_modules.pitome import PiToMeModule
@@ -16,6 +17,7 @@ METHODS: dict[str, type[ReductionModule]] = {
     "dynamicvit": DynamicViTModule,
     "avit": AViTModule,
     "pitome": PiToMeModule,
+    "diffrate": DiffRateModule,
 }
 
 

@@ -20,25 +20,12 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from lightning_modules.base import ReductionModule, check_keep_rate, check_reduction_layers
-from lightning_modules.ops import keep_topk
+from lightning_modules.ops import keep_topk, policy_softmax
 from lightning_modules.trace import TokenTrace, TraceRecorder
 from lightning_modules.vit import ViTStudent
 
 
 # ------------------------------------------------------------------------------------------------ pure ops
-def policy_softmax(logits: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
-    """DynamicViT's masked softmax, in float32. logits: (B, H, N, N), policy: (B, N) keep mask ->
-    `A_ij = (exp(a_ij - max_i) G_ij + eps/N) / (sum_j exp(a_ij - max_i) G_ij + eps)` with
-    `G_ij = policy_j` for j != i and `G_ii = 1` (a dropped token still attends to itself)."""
-    n = policy.shape[1]
-    eye = torch.eye(n, dtype=torch.float32, device=policy.device).view(1, 1, n, n)
-    keep = policy.reshape(-1, 1, 1, n).to(torch.float32)
-    gate = keep + (1.0 - keep) * eye
-    shifted = logits - logits.max(dim=-1, keepdim=True)[0]
-    weights = shifted.to(torch.float32).exp() * gate
-    return ((weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)).type_as(logits)
-
-
 def keep_ratios(rho: float, stages: int) -> list[float]:
     """Keep ratios per stage, relative to the original patch count: rho, rho^2, rho^3, ..."""
     return [rho ** (s + 1) for s in range(stages)]

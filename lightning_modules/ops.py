@@ -3,7 +3,7 @@ scores and returns the reduced tokens with the token map `dest (B, N)` the trace
 
 `keep_topk` keeps the highest-scoring tokens (EViT, DynamicViT inference); `Merge` and `bipartite_soft_matching`
 are ToMe's merge; `GatherMerge` a merge given by index lists (PiToMe); `merge_wavg` applies either as a
-size-weighted average.
+size-weighted average; `policy_softmax` is the masked softmax DynamicViT and DiffRate train through.
 """
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Optional
 @dataclass(frozen=True)
 class GatherMerge:
     """A merge given by index lists over the mergeable tokens (those after the `num_prefix` protected ones):
-    output `[prefix, kept, dst]` where every `src` token is reduced into `dst[dst_of_src]`. Indices are
+    output `[prefix, kept, dst]` where every `src` token is reduced into `dst[dst_of_src]` and any token in none of
+    the lists is dropped (pruned). Indices are
     `(B, k)` into the T = N - num_prefix mergeable tokens; `dst_of_src (B, r)` into `dst_idx`. PiToMe's
     energy-ordered merges produce it; `merge_wavg` applies it."""
 
@@ -126,10 +127,10 @@ class GatherMerge:
         return torch.cat([x[:, :p], take(self.kept_idx), dst], dim=1)
 
     def dest(self, num_tokens: int) -> Tensor:
-        """(B, N): the position each input token ends up at (merged tokens: their destination's)."""
+        """(B, N): the position each input token ends up at (merged tokens: their destination's; pruned: -1)."""
         batch, device, p = self.kept_idx.shape[0], self.kept_idx.device, self.num_prefix
         kept = self.kept_idx.shape[1]
-        rest = torch.empty(batch, num_tokens - p, dtype=torch.long, device=device)
+        rest = torch.full((batch, num_tokens - p), -1, dtype=torch.long, device=device)  # -1: pruned
         rest.scatter_(1, self.kept_idx, torch.arange(p, p + kept, device=device).expand(batch, -1))
         dst_pos = torch.arange(p + kept, p + kept + self.dst_idx.shape[1], device=device).expand(batch, -1)
         rest.scatter_(1, self.dst_idx, dst_pos)
@@ -144,3 +145,16 @@ def merge_wavg(merge: Merge | GatherMerge, x: Tensor, size: Optional[Tensor]) ->
     x = merge(x * size, mode="sum")
     size = merge(size, mode="sum")
     return x / size, size
+
+
+def policy_softmax(logits: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
+    """DynamicViT's masked softmax, in float32. logits: (B, H, N, N), policy: (B, N) keep mask ->
+    `A_ij = (exp(a_ij - max_i) G_ij + eps/N) / (sum_j exp(a_ij - max_i) G_ij + eps)` with
+    `G_ij = policy_j` for j != i and `G_ii = 1` (a dropped token still attends to itself)."""
+    n = policy.shape[1]
+    eye = torch.eye(n, dtype=torch.float32, device=policy.device).view(1, 1, n, n)
+    keep = policy.reshape(-1, 1, 1, n).to(torch.float32)
+    gate = keep + (1.0 - keep) * eye
+    shifted = logits - logits.max(dim=-1, keepdim=True)[0]
+    weights = shifted.to(torch.float32).exp() * gate
+    return ((weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)).type_as(logits)
