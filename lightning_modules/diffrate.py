@@ -238,16 +238,13 @@ class DiffRateStudent(ViTStudent):
 
     added_modules = ("rates",)
 
-    def __init__(self, vit: Any, counts: Optional[tuple[list[int], list[int]]], granularity: int = 4,
-                 clamp_sizes: bool = False) -> None:
+    def __init__(self, vit: Any, granularity: int = 4, clamp_sizes: bool = False) -> None:
         super().__init__(vit)
         for block in vit.blocks:
             block.clamp_sizes = clamp_sizes
         if vit.cls_token is None:
             raise ValueError("DiffRate ranks tokens by the class token's attention: the backbone has no class token")
-        self.rates = DiffRateRates(self.depth, vit.patch_embed.num_patches, granularity)
-        if counts is not None:  # class token included in the official counts
-            self.rates.kept.copy_(torch.tensor(counts) - 1)
+        self.rates = DiffRateRates(self.depth, vit.patch_embed.num_patches, granularity)  # counts: set by the module
 
     def layer_settings(self) -> list[tuple[int, int]]:
         kept = self.rates.kept.tolist()
@@ -325,7 +322,7 @@ class DiffRateModule(ReductionModule):
         self.target_flops = target_flops
         self.flops_weight = flops_weight
         self.flops_warmup_epochs = flops_warmup_epochs
-        self.build_student(DiffRateStudent, block_fn=DiffRateBlock, counts=None, granularity=granularity,
+        self.build_student(DiffRateStudent, block_fn=DiffRateBlock, granularity=granularity,
                            clamp_sizes=clamp_sizes)
         rates, depth, backbone = self.student.rates, self.student.depth, self.hparams.backbone
         counts = None
