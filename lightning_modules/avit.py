@@ -19,12 +19,12 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lightning_modules.base import ReductionModule
-from lightning_modules.layers import ReductionAttention
+from lightning_modules.layers import ReductionAttention, RopeBlock
+from lightning_modules.ops import identity_rope
 from lightning_modules.trace import TokenTrace, TraceRecorder
 from lightning_modules.vit import ViTStudent
 
@@ -102,38 +102,45 @@ class PackedLayout:
         return cls(image, position, row_of_image[image], rank, counts, lengths, uniform)
 
 
-def attend_packed(attn: ReductionAttention, x: Tensor, layout: PackedLayout) -> Tensor:
+def attend_packed(attn: ReductionAttention, x: Tensor, layout: PackedLayout, rope: Optional[Tensor] = None) -> Tensor:
     """timm's attention on packed tokens. x: (T, C) active tokens of all running images -> (T, C); each image's
-    tokens attend only to each other (the linear layers see no padding; the attention pads per image)."""
-    qkv = attn.qkv(x)  # (T, 3C)
+    tokens attend only to each other (the linear layers see no padding; the attention pads per image).
+    rope: None or `(T, 1 or H, D)` every packed token's RoPE table (prefix tokens: the identity)."""
+    qkv = attn.packed_qkv(x)  # (T, 3C)
     rows, length = layout.lengths.shape[0], int(layout.lengths.max())
-    if layout.uniform:
-        padded, mask = qkv.reshape(rows, length, -1), None
-    else:
-        padded = qkv.new_zeros(rows, length, qkv.shape[1])
-        padded[layout.row, layout.rank] = qkv
+
+    def pad(t: Tensor) -> Tensor:  # (T, ...) -> (B', L, ...)
+        if layout.uniform:
+            return t.reshape(rows, length, *t.shape[1:])
+        padded = t.new_zeros(rows, length, *t.shape[1:])
+        padded[layout.row, layout.rank] = t
+        return padded
+
+    mask = None
+    if not layout.uniform:
         mask = (torch.arange(length, device=x.device) < layout.lengths[:, None])[:, None, None, :]  # (B', 1, 1, L)
-    qkv = padded.reshape(rows, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    out = attn.attend(qkv, mask)[0].transpose(1, 2).reshape(rows, length, attn.attn_dim)  # (B', L, C)
+    qkv = pad(qkv).reshape(rows, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    rope = None if rope is None else pad(rope).transpose(1, 2)  # (B', 1 or H, L, D)
+    out = attn.attend(qkv, mask, rope=rope)[0].transpose(1, 2).reshape(rows, length, attn.attn_dim)  # (B', L, C)
     out = out.reshape(-1, attn.attn_dim) if layout.uniform else out[layout.row, layout.rank]
     return attn.project(x, out)
 
 
-class AViTBlock(Block):
+class AViTBlock(RopeBlock):
     """timm's Block with A-ViT's masking (official, training) and a packed varlen path (inference)."""
 
-    def forward(self, x: Tensor, halted: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, halted: Optional[Tensor] = None,  # type: ignore[override]
+                rope: Optional[Tensor] = None) -> Tensor:
         """x: (B, N, C); halted: (B, N) float, 1 for halted tokens (zeroed at every sub-layer input)."""
         if halted is None:
-            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+            return self.dense(x, rope)
         keep = (1.0 - halted)[..., None]
         bias = (halted * MASKED_KEY_BIAS)[:, None, None, :].to(x.dtype)
-        x = x + self.drop_path1(self.ls1(self.attn.forward_reduce(self.norm1(x * keep) * keep, bias).x))
+        x = x + self.drop_path1(self.ls1(self.attn.forward_reduce(self.norm1(x * keep) * keep, bias, rope=rope).x))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x * keep) * keep)))
 
-    def forward_packed(self, x: Tensor, layout: PackedLayout) -> Tensor:
-        x = x + self.ls1(attend_packed(self.attn, self.norm1(x), layout))
+    def forward_packed(self, x: Tensor, layout: PackedLayout, rope: Optional[Tensor] = None) -> Tensor:
+        x = x + self.ls1(attend_packed(self.attn, self.norm1(x), layout, rope))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
@@ -165,8 +172,9 @@ class AViTStudent(ViTStudent):
         return 0
 
     # -------------------------------------------------------------------------------------- masked (official)
-    def forward_masked(self, x: Tensor, recorder: Optional[TraceRecorder] = None) -> HaltingOutput:
-        """The official computation on embedded tokens x (B, N, C): nothing is removed."""
+    def forward_masked(self, x: Tensor, recorder: Optional[TraceRecorder] = None,
+                       rope: Optional[Tensor] = None) -> HaltingOutput:
+        """The official computation on embedded tokens x (B, N, C): nothing is removed (nor moved: RoPE as timm's)."""
         B, N, _ = x.shape
         c, R = x.new_zeros(B, N), x.new_ones(B, N)
         active = x.new_ones(B, N)
@@ -180,7 +188,7 @@ class AViTStudent(ViTStudent):
             if recorder is not None:
                 recorder.drop(active > 0.5)
                 recorder.block(active.sum(1))
-            block_out = self.run_block(block, out, 1.0 - active)
+            block_out = self.run_block(block, out, 1.0 - active, rope=self.layer_rope(rope, layer))
             h = halting_score(block_out, self.gate_scale, self.gate_center)
             scores.append(h)
             if layer == len(self.vit.blocks) - 1:
@@ -197,9 +205,11 @@ class AViTStudent(ViTStudent):
         return HaltingOutput(output, ponder, depth, scores)
 
     # -------------------------------------------------------------------------------------- packed (fast)
-    def forward_packed(self, x: Tensor, recorder: Optional[TraceRecorder] = None) -> Tensor:
+    def forward_packed(self, x: Tensor, recorder: Optional[TraceRecorder] = None,
+                       rope: Optional[Tensor] = None) -> Tensor:
         """Inference on the active tokens only. x: (B, N, C) embedded -> (B, N, C) ACT outputs (tokens of
-        finished images that never ran stay 0; the head does not read them)."""
+        finished images that never ran stay 0; the head does not read them). Each packed token takes its own
+        patch's RoPE (the prefix tokens an identity rotation)."""
         B, N, C = x.shape
         device = x.device
         head = self.head_tokens()
@@ -213,7 +223,7 @@ class AViTStudent(ViTStudent):
             layout = PackedLayout.build(image, position, B)
             if recorder is not None:
                 self._record(recorder, layout, B, N)
-            tokens = block.forward_packed(tokens, layout)
+            tokens = block.forward_packed(tokens, layout, self.packed_rope(rope, layer, position))
             h = halting_score(tokens, self.gate_scale, self.gate_center)
             if layer == depth - 1:
                 h = torch.ones_like(h)
@@ -234,6 +244,15 @@ class AViTStudent(ViTStudent):
             self._record(recorder, finished, B, N, block=False)
         return output
 
+    def packed_rope(self, rope: Optional[Tensor], layer: int, position: Tensor) -> Optional[Tensor]:
+        """Block `layer`'s RoPE table for packed tokens at sequence `position (T,)` -> None or `(T, 1 or H, D)`."""
+        table = self.layer_rope(rope, layer)  # (N0, D) or (H, N0, D)
+        if table is None:
+            return None
+        full = torch.cat([identity_rope(table, self.num_prefix_tokens), table], dim=-2)  # (..., N, D)
+        rows = full[..., position, :]  # (T, D) or (H, T, D)
+        return rows[:, None] if rows.dim() == 2 else rows.transpose(0, 1)
+
     @staticmethod
     def _record(recorder: TraceRecorder, layout: PackedLayout, B: int, N: int, block: bool = True) -> None:
         """Point the owner map at the packed positions of the active tokens (and record a block's counts)."""
@@ -244,17 +263,23 @@ class AViTStudent(ViTStudent):
             recorder.block(layout.counts)
 
     # -------------------------------------------------------------------------------------- student API
-    def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder]) -> tuple[Tensor, None]:
+    def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder],
+                       rope: Optional[Tensor] = None) -> tuple[Tensor, None]:
         if self.training:
-            return self.forward_masked(x, recorder).features, None
-        return self.forward_packed(x, recorder), None
+            return self.forward_masked(x, recorder, rope).features, None
+        return self.forward_packed(x, recorder, rope), None
 
     def tokens_out(self, x: Tensor, state: None) -> Tensor:
         return x.new_zeros(x.shape[0], dtype=torch.long)  # every token has halted after the last block
 
+    def tokens_to_head(self, trace: TokenTrace) -> Tensor:
+        """Every token: each one's ACT output reaches the final norm and the head."""
+        return torch.full_like(trace.tokens[:, -1], trace.owner[0].shape[1] + trace.num_prefix_tokens)
+
     def forward_halting(self, images: Tensor) -> tuple[Tensor, HaltingOutput]:
         """Training: logits and the halting statistics, through the official masked computation."""
-        out = self.forward_masked(self.embed(images))
+        x, rope = self.embed_rope(images)
+        out = self.forward_masked(x, None, rope)
         return self.vit.forward_head(self.vit.norm(out.features)), out
 
 

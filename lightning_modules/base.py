@@ -138,6 +138,7 @@ class ReductionModule(pl.LightningModule):
     setting_keys: tuple[str, ...] = ()  # the `model:` keys that label a run of this method in reports
     off_settings: dict[str, Any] = {}  # constructor keywords that turn the reduction off: timm's logits exactly
     demo_settings: dict[str, Any] = {}  # keywords under which a micro ViT of 3 blocks or more visibly reduces (tests)
+    needs_class_token: bool = False  # ranks tokens by the class token's attention: refuses backbones without one
 
     def __init__(
         self,
@@ -173,6 +174,7 @@ class ReductionModule(pl.LightningModule):
         ema_decay: Optional[float] = None,
         train_mode: bool = True,
         keep_rate_schedule: Optional[dict[str, float]] = None,
+        linear_probe: bool = False,
     ) -> None:
         super().__init__()
         # Plain containers only: the hyperparameters go into every checkpoint (read with weights_only=True).
@@ -231,6 +233,11 @@ class ReductionModule(pl.LightningModule):
         student = student_cls(vit, **student_kwargs)
         if hp.weights is not None:
             load_weights(student, hp.weights)
+        if hp.linear_probe:  # a frozen backbone (DINOv3's evaluation): the classifier and the method's own modules train
+            student.vit.requires_grad_(False)
+            heads = student.vit.get_classifier()
+            for head in heads if isinstance(heads, tuple) else (heads,):
+                head.requires_grad_(True)
         self.student = student
         depth = student.depth
         self.token_stats = nn.ModuleDict({s: MeanVector(depth + 1) for s in ("val", "test")})

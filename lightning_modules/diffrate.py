@@ -37,7 +37,7 @@ from lightning_modules.layers import ReductionBlock
 from lightning_modules.macs import linear_macs
 from lightning_modules.ops import GatherMerge, policy_softmax
 from lightning_modules.trace import TokenTrace
-from lightning_modules.vit import ViTStudent
+from lightning_modules.vit import ViTStudent, backbone_name
 
 log = logging.getLogger(__name__)
 
@@ -176,13 +176,13 @@ class DiffRateBlock(ReductionBlock):
     clamp_sizes: bool = False
 
     def forward(self, x: Tensor, size: Optional[Tensor] = None, setting: Optional[tuple[int, int]] = None,  # type: ignore[override]
-                record: bool = False) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                record: bool = False, rope: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         p = self.num_prefix
         n = x.shape[1] - p
         prune = n if setting is None else min(setting[0], n)
         merge = min(prune if setting is None else setting[1], prune)
         bias = None if size is None else size.log()[:, None, None, :, 0].to(x.dtype)  # (B, 1, 1, N)
-        attn = self.attn.forward_reduce(self.norm1(x), bias, cls_attn=merge < n)
+        attn = self.attn.forward_reduce(self.norm1(x), bias, cls_attn=merge < n, rope=rope)
         x = x + self.drop_path1(self.ls1(attn.x))
         if merge == n:  # nothing leaves this block
             return self.mlp_residual(x), size, None
@@ -243,7 +243,8 @@ class DiffRateStudent(ViTStudent):
         for block in vit.blocks:
             block.clamp_sizes = clamp_sizes
         if vit.cls_token is None:
-            raise ValueError("DiffRate ranks tokens by the class token's attention: the backbone has no class token")
+            raise ValueError(f"model.backbone: {backbone_name(vit)} has no class token, and DiffRate ranks tokens by the "
+                             f"class token's attention")
         self.rates = DiffRateRates(self.depth, vit.patch_embed.num_patches, granularity)  # counts: set by the module
 
     def layer_settings(self) -> list[tuple[int, int]]:
@@ -296,6 +297,7 @@ class DiffRateModule(ReductionModule):
     inference too, as the official training path does (off: the official inference, where a source with a negative
     similarity lowers the size, down to 0 or below, which makes proportional attention NaN)."""
 
+    needs_class_token = True
     setting_keys = ("prune_kept_num", "merge_kept_num", "target_flops")
     off_settings = {"prune_kept_num": None, "merge_kept_num": None, "target_flops": None}
     demo_settings = {"prune_kept_num": 48, "merge_kept_num": 40, "clamp_sizes": True}
@@ -325,6 +327,9 @@ class DiffRateModule(ReductionModule):
         self.build_student(DiffRateStudent, block_fn=DiffRateBlock, granularity=granularity,
                            clamp_sizes=clamp_sizes)
         rates, depth, backbone = self.student.rates, self.student.depth, self.hparams.backbone
+        if target_flops is not None and getattr(self.student.vit, "rope", None) is not None:
+            raise ValueError("model.target_flops: DiffRate's rate search re-sorts and masks tokens, which leanvit does "
+                             "not follow with RoPE; on this RoPE backbone give prune_kept_num and merge_kept_num")
         counts = None
         if prune_kept_num is not None:
             counts = (check_counts("prune_kept_num", prune_kept_num, depth),

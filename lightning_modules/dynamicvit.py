@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.optim import param_groups_weight_decay
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from lightning_modules.base import ReductionModule, check_keep_rate, check_reduction_layers
+from lightning_modules.layers import RopeBlock
 from lightning_modules.ops import keep_topk, policy_softmax
 from lightning_modules.trace import TokenTrace, TraceRecorder
 from lightning_modules.vit import ViTStudent
@@ -63,17 +63,17 @@ class PredictorLG(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ layers
-class DynamicViTBlock(Block):
+class DynamicViTBlock(RopeBlock):
     """timm's Block whose attention takes a keep `policy (B, N)` through the policy softmax (training); None:
     timm's block unchanged."""
 
-    def forward(self, x: Tensor, policy: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, policy: Optional[Tensor] = None,  # type: ignore[override]
+                rope: Optional[Tensor] = None) -> Tensor:
         if policy is None:
-            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        else:
-            softmax = partial(policy_softmax, policy=policy)
-            x = x + self.drop_path1(self.ls1(self.attn.forward_reduce(self.norm1(x), softmax=softmax).x))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+            return self.dense(x, rope)
+        softmax = partial(policy_softmax, policy=policy)
+        x = x + self.drop_path1(self.ls1(self.attn.forward_reduce(self.norm1(x), softmax=softmax, rope=rope).x))
+        return self.mlp_residual(x)
 
 
 @dataclass
@@ -110,13 +110,14 @@ class DynamicViTStudent(ViTStudent):
     def extra_checkpoint_keys(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v for k, v in state_dict.items() if k.startswith("score_predictor.")}
 
-    def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder]) -> tuple[Tensor, Optional[Tensor]]:
+    def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder],
+                       rope: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Inference gathers the kept tokens; training masks them (state: tokens taking part, per image)."""
         if self.training:
-            x, decisions = self.masked_blocks(x, recorder)
+            x, decisions = self.masked_blocks(x, recorder, rope)
             kept = decisions[-1].sum(1) if decisions else None
             return x, None if kept is None else kept + self.num_prefix_tokens
-        x, _ = super().forward_blocks(x, recorder)
+        x, _ = super().forward_blocks(x, recorder, rope)
         return x, None
 
     def before_block(self, layer: int, x: Tensor, num_patches: Optional[int],
@@ -138,8 +139,10 @@ class DynamicViTStudent(ViTStudent):
                 recorder.remap(dest)
         return x, num_patches
 
-    def masked_blocks(self, x: Tensor, recorder: Optional[TraceRecorder] = None) -> tuple[Tensor, list[Tensor]]:
-        """Training: every token stays, a cumulative Gumbel keep mask gates all attention (policy softmax)."""
+    def masked_blocks(self, x: Tensor, recorder: Optional[TraceRecorder] = None,
+                      rope: Optional[Tensor] = None) -> tuple[Tensor, list[Tensor]]:
+        """Training: every token stays (RoPE too), a cumulative Gumbel keep mask gates all attention (policy
+        softmax)."""
         prefix = self.num_prefix_tokens
         batch, n = x.shape[:2]
         decision = x.new_ones(batch, n - prefix, 1)
@@ -156,14 +159,15 @@ class DynamicViTStudent(ViTStudent):
                     recorder.drop(policy > 0.5)
             if recorder is not None:
                 recorder.block(policy.sum(1))
-            x = self.run_block(block, x, policy)
+            x = self.run_block(block, x, policy, rope=self.layer_rope(rope, layer))
         return x, decisions
 
     def tokens_out(self, x: Tensor, state: Optional[Tensor]) -> Tensor | int:
         return x.shape[1] if state is None else state
 
     def forward_train(self, images: Tensor) -> PruningOutput:
-        x, decisions = self.masked_blocks(self.embed(images))
+        x, rope = self.embed_rope(images)
+        x, decisions = self.masked_blocks(x, None, rope)
         x = self.vit.norm(x)
         return PruningOutput(self.vit.forward_head(x), x[:, self.num_prefix_tokens:], decisions)
 

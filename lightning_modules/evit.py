@@ -20,7 +20,7 @@ from lightning_modules.base import ReductionModule, check_keep_rate, check_reduc
 from lightning_modules.layers import ReductionBlock
 from lightning_modules.ops import keep_topk
 from lightning_modules.trace import TokenTrace
-from lightning_modules.vit import ViTStudent
+from lightning_modules.vit import ViTStudent, backbone_name
 
 
 # ------------------------------------------------------------------------------------------------ pure ops
@@ -59,10 +59,10 @@ class EViTBlock(ReductionBlock):
     fuse_token: bool = True
 
     def forward(self, x: Tensor, state: None = None, keep_rate: Optional[float] = None,  # type: ignore[override]
-                record: bool = False) -> tuple[Tensor, None, Optional[Tensor]]:
+                record: bool = False, rope: Optional[Tensor] = None) -> tuple[Tensor, None, Optional[Tensor]]:
         if keep_rate is None or kept_tokens(x.shape[1], keep_rate, self.num_prefix) >= x.shape[1] - self.num_prefix:
-            return self.dense(x), None, None
-        attn = self.attn.forward_reduce(self.norm1(x), cls_attn=True)
+            return self.dense(x, rope), None, None
+        attn = self.attn.forward_reduce(self.norm1(x), cls_attn=True, rope=rope)
         x = x + self.drop_path1(self.ls1(attn.x))
         x, dest = keep_attentive(x, attn.cls_attn, keep_rate, self.num_prefix, self.fuse_token)
         return self.mlp_residual(x), None, dest
@@ -76,7 +76,8 @@ class EViTStudent(ViTStudent):
                  fuse_token: bool = True) -> None:
         super().__init__(vit)
         if vit.cls_token is None:
-            raise ValueError("EViT ranks tokens by the class token's attention: the backbone has no class token")
+            raise ValueError(f"model.backbone: {backbone_name(vit)} has no class token, and EViT ranks tokens by the class "
+                             f"token's attention")
         self.keep_rate = keep_rate
         self.reduction_layers = check_reduction_layers(reduction_layers, len(vit.blocks))
         for block in vit.blocks:
@@ -102,6 +103,7 @@ class EViTModule(ReductionModule):
     schedule (from scratch: 10 and 100; fine-tuning: none, the target from step 0)."""
 
     static_shapes = True
+    needs_class_token = True
     setting_keys = ("keep_rate",)
     off_settings = {"keep_rate": 1.0}
     demo_settings = {"keep_rate": 0.5, "reduction_layers": [1, 2]}

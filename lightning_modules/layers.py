@@ -7,9 +7,14 @@ boolean mask on the logits, or a replacement softmax (DynamicViT's policy softma
 submodule (qkv, q/k norms, scale norm, gate, proj, dropouts), so LayerScale, qk-norm and gated models work
 for every method.
 
-`ReductionBlock` is timm's `Block` whose `forward(x, state, setting, record)` runs one block with the
+`ReductionBlock` is timm's `Block` whose `forward(x, state, setting, record, rope)` runs one block with the
 method's reduction and returns `(x, state, dest)`; `ViTStudent.forward_blocks` drives it and keeps the
 token trace.
+
+timm's `Eva` family (EVA-02, DINOv3, Perception Encoder) has no `block_fn`: `convert_eva` turns its built blocks
+into a method's blocks in place (as the official ToMe patch does, by setting `__class__`), with the same weights.
+Its rotary position embedding (RoPE) reaches the attention as `rope`: the table for the tokens after the prefix,
+`(N - p, D)`, `(H, N - p, D)` or, once tokens moved, `(B, 1 or H, N - p, D)` (see `ops.mean_rope`).
 """
 from __future__ import annotations
 
@@ -19,9 +24,10 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, AttentionRope, apply_rot_embed_cat
+from timm.models.eva import EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def class_attention(q_cls: Tensor, k: Tensor, scale: float, bias: Optional[Tensor] = None) -> Tensor:
@@ -40,24 +46,49 @@ class AttentionOutput:
     cls_attn: Optional[Tensor] = None  # (B, N) the class token's attention row averaged over heads, when asked
 
 
-class ReductionAttention(Attention):
-    """timm's Attention with `forward_reduce`, `attend` and `project` for token-reduction methods."""
+class ReductionAttentionOps:
+    """What every reduction attention adds to its timm attention class (timm's `Attention`, Eva's `EvaAttention`,
+    `AttentionRope`): `forward_reduce`, `attend`, `project`. Subclasses say how the packed qkv is computed."""
+
+    num_heads: int
+    head_dim: int
+    attn_dim: int
+    scale: float
+    fused_attn: bool
+    rotate_half: bool = False  # RoPE layout (Eva's `rotate_half`)
+    q_norm: nn.Module
+    k_norm: nn.Module
+    attn_drop: nn.Dropout
+    norm: nn.Module
+    gate: Optional[nn.Module]
+    proj: nn.Module
+    proj_drop: nn.Module
+    training: bool
+
+    def packed_qkv(self, x: Tensor) -> Tensor:
+        """x: (..., C) -> (..., 3 attn_dim): q, k, v as the timm class computes them."""
+        return self.qkv(x)  # type: ignore[attr-defined]
 
     def forward_reduce(self, x: Tensor, bias: Optional[Tensor] = None, *, keys: bool = False,
-                       cls_attn: bool = False, softmax: Optional[Callable[[Tensor], Tensor]] = None) -> AttentionOutput:
+                       cls_attn: bool = False, softmax: Optional[Callable[[Tensor], Tensor]] = None,
+                       rope: Optional[Tensor] = None) -> AttentionOutput:
         """x: (B, N, C); bias: a float (added) or bool (True = attend) mask broadcastable to (B, H, N, N).
-        `softmax` replaces the softmax on the logits and forces the explicit path."""
+        `softmax` replaces the softmax on the logits and forces the explicit path; `rope` rotates q and k."""
         B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out, k, row = self.attend(qkv, bias, cls_attn=cls_attn, softmax=softmax)
+        qkv = self.packed_qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out, k, row = self.attend(qkv, bias, cls_attn=cls_attn, softmax=softmax, rope=rope)
         out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
         return AttentionOutput(self.project(x, out), k.mean(1) if keys else None, row)
 
     def attend(self, qkv: Tensor, mask: Optional[Tensor] = None, *, cls_attn: bool = False,
-               softmax: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """qkv: (3, B, H, N, D) -> (attention output (B, H, N, D), normed keys (B, H, N, D), class row (B, N))."""
+               softmax: Optional[Callable[[Tensor], Tensor]] = None,
+               rope: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """qkv: (3, B, H, N, D) -> (attention output (B, H, N, D), normed (and rotated) keys (B, H, N, D), class
+        row (B, N)). `rope (..., M, 2 D)` rotates the last M tokens (those after the prefix), as timm's Eva."""
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = self.rotate(q, rope).type_as(v), self.rotate(k, rope).type_as(v)
         row = None
         if self.fused_attn and softmax is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -82,34 +113,123 @@ class ReductionAttention(Attention):
             out = out * self.gate(inputs).sigmoid()
         return self.proj_drop(self.proj(out))
 
+    def rotate(self, t: Tensor, rope: Tensor) -> Tensor:
+        """t: (B, H, N, D); rope: (..., M, 2 D) -> t with its last M tokens rotated (Eva's `apply_rot_embed_cat`)."""
+        first = t.shape[2] - rope.shape[-2]
+        return torch.cat([t[:, :, :first], apply_rot_embed_cat(t[:, :, first:], rope, half=self.rotate_half)], dim=2)
+
+
+class ReductionAttention(ReductionAttentionOps, Attention):
+    """timm's Attention with `forward_reduce`, `attend` and `project` for token-reduction methods."""
+
+
+class EvaReductionAttention(ReductionAttentionOps, EvaAttention):
+    """timm's EvaAttention (EVA-02: separate q/k/v projections, k without bias) with the reduction methods."""
+
+    @property
+    def attn_dim(self) -> int:  # type: ignore[override]
+        return self.num_heads * self.head_dim
+
+    def packed_qkv(self, x: Tensor) -> Tensor:
+        if self.qkv is None:  # three projections, as EvaAttention runs them
+            return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        if self.q_bias is None:
+            return self.qkv(x)
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        if self.qkv_bias_separate:
+            return self.qkv(x) + bias
+        return F.linear(x, weight=self.qkv.weight, bias=bias)
+
+
+class RopeReductionAttention(ReductionAttentionOps, AttentionRope):
+    """timm's AttentionRope (DINOv3, Perception Encoder) with the reduction methods (no grouped-query attention)."""
+
+    def packed_qkv(self, x: Tensor) -> Tensor:
+        if self.qkv is None:
+            return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        return self.qkv(x)
+
 
 def _bool_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, -math.inf)
 
 
-class ReductionBlock(Block):
-    """timm's Block for a method that reduces tokens inside blocks. Subclasses implement `forward`:
+class RopeBlock(Block):
+    """timm's Block with the dense block and the MLP residual as methods a reduction can call, taking RoPE."""
 
-    `forward(x, state, setting, record) -> (x, state, dest)`: `state` is what the method carries from block to
-    block in one forward pass (ToMe's token sizes; None before the first reduction), `setting` this block's
-    reduction (ToMe's r, EViT's keep rate; None: the block runs dense), `record` whether the token trace is
-    wanted; `dest (B, N)` maps each entering token to its position after the reduction (None: no change).
-    A block that reduces between the attention residual and the MLP returns the count its MLP ran on as
-    `x.shape[1]`, which `ViTStudent.forward_blocks` records.
-
-    `num_prefix` (class, distillation and register tokens, never reduced) is set by the student.
-    """
-
-    num_prefix: int = 1
-
-    def dense(self, x: Tensor) -> Tensor:
-        """The unchanged timm block."""
+    def dense(self, x: Tensor, rope: Optional[Tensor] = None) -> Tensor:
+        """The unchanged timm block (a ViT with RoPE is an Eva: see `EvaBlockOps`)."""
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def mlp_residual(self, x: Tensor) -> Tensor:
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
+
+class ReductionBlock(RopeBlock):
+    """timm's Block for a method that reduces tokens inside blocks. Subclasses implement `forward`:
+
+    `forward(x, state, setting, record, rope) -> (x, state, dest)`: `state` is what the method carries from block to
+    block in one forward pass (ToMe's token sizes; None before the first reduction), `setting` this block's
+    reduction (ToMe's r, EViT's keep rate; None: the block runs dense), `record` whether the token trace is
+    wanted; `dest (B, N)` maps each entering token to its position after the reduction (None: no change).
+    A block that reduces between the attention residual and the MLP returns the count its MLP ran on as
+    `x.shape[1]`, which `ViTStudent.forward_blocks` records.
+
+    `rope` is this block's RoPE table for the tokens after the prefix (None: the backbone has none).
+    `num_prefix` (class, distillation and register tokens, never reduced) is set by the student.
+    """
+
+    num_prefix: int = 1
+
     def forward(self, x: Tensor, state: Any = None, setting: Any = None,  # type: ignore[override]
-                record: bool = False) -> tuple[Tensor, Any, Optional[Tensor]]:
+                record: bool = False, rope: Optional[Tensor] = None) -> tuple[Tensor, Any, Optional[Tensor]]:
         raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------------ timm's Eva
+class EvaBlockOps:
+    """Put before a method's block class to run it on timm's pre-norm `EvaBlock`: Eva's LayerScale is `gamma_1`,
+    `gamma_2` (parameters, not modules), its dense block takes `rope`."""
+
+    gamma_1: Optional[Tensor]
+    gamma_2: Optional[Tensor]
+
+    def ls1(self, x: Tensor) -> Tensor:
+        return x if self.gamma_1 is None else self.gamma_1 * x
+
+    def ls2(self, x: Tensor) -> Tensor:
+        return x if self.gamma_2 is None else self.gamma_2 * x
+
+    def dense(self, x: Tensor, rope: Optional[Tensor] = None) -> Tensor:
+        return EvaBlock.forward(self, x, rope=rope)  # type: ignore[arg-type]
+
+    def mlp_residual(self, x: Tensor) -> Tensor:
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))  # type: ignore[attr-defined]
+
+
+_EVA_CLASSES: dict[type, type] = {}
+
+
+def eva_class(block_fn: type) -> type:
+    """The method's block class for an `EvaBlock` (one class per method block class)."""
+    if block_fn not in _EVA_CLASSES:
+        _EVA_CLASSES[block_fn] = type(f"Eva{block_fn.__name__}", (EvaBlockOps, block_fn), {"__module__": __name__})
+    return _EVA_CLASSES[block_fn]
+
+
+def convert_eva(blocks: nn.ModuleList, block_fn: type) -> None:
+    """Turn timm's built `EvaBlock`s into `block_fn` blocks in place (weights untouched): post-norm blocks and
+    grouped-query attention are refused, as no method here defines them."""
+    for i, block in enumerate(blocks):
+        if type(block) is not EvaBlock:
+            raise ValueError(f"backbone: block {i} is a {type(block).__name__}; token reduction runs on timm's pre-norm "
+                             f"EvaBlock only (use_post_norm models are not supported)")
+        attn = block.attn
+        if isinstance(attn, AttentionRope):
+            if getattr(attn, "num_kv_groups", 1) != 1:
+                raise ValueError("backbone: grouped-query attention (num_kv_heads) is not supported by token reduction")
+            attn.__class__ = RopeReductionAttention
+        elif isinstance(attn, EvaAttention):
+            attn.__class__ = EvaReductionAttention
+        block.__class__ = eva_class(block_fn)

@@ -19,6 +19,16 @@ def linear_macs(module: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
+def map_head_macs(pool: nn.Module, tokens: Tensor) -> Tensor:
+    """timm's `AttentionPoolLatent` on `tokens (B,)` tokens: keys/values of every token, the latent queries'
+    projections, attention and MLP."""
+    latents = pool.latent_len
+    kv = pool.kv.in_features * pool.kv.out_features
+    dim = pool.num_heads * pool.head_dim
+    rest = latents * (linear_macs(pool) - kv)  # q, proj and the MLP on the latent tokens
+    return tokens * kv + 2 * latents * tokens * dim + rest
+
+
 def count_macs(student: nn.Module, trace: TokenTrace) -> Tensor:
     """(B,) MACs of each image's forward pass, as the trace records it."""
     vit = student.vit
@@ -27,11 +37,13 @@ def count_macs(student: nn.Module, trace: TokenTrace) -> Tensor:
     total = tokens.new_zeros(tokens.shape[0])
     for layer, block in enumerate(vit.blocks):
         n, m = tokens[:, layer], mlp_tokens[:, layer]
-        attn_dim = block.attn.qkv.out_features // 3
+        attn_dim = block.attn.num_heads * block.attn.head_dim
         total += n * linear_macs(block.attn) + 2 * n * n * attn_dim + m * linear_macs(block.mlp)
     proj = vit.patch_embed.proj
     num_patches = trace.owner[0].shape[1]
     total += num_patches * proj.weight[0].numel() * proj.out_channels
     heads = [vit.head] + ([vit.head_dist] if getattr(vit, "head_dist", None) is not None else [])
     total += sum(linear_macs(head) for head in heads)
+    if getattr(vit, "attn_pool", None) is not None:  # a MAP head (SigLIP, PE): its latent queries the last tokens
+        total += map_head_macs(vit.attn_pool, student.tokens_to_head(trace).double())
     return total + student.extra_macs(trace).double()

@@ -3,7 +3,8 @@ scores and returns the reduced tokens with the token map `dest (B, N)` the trace
 
 `keep_topk` keeps the highest-scoring tokens (EViT, DynamicViT inference); `Merge` and `bipartite_soft_matching`
 are ToMe's merge; `GatherMerge` a merge given by index lists (PiToMe); `merge_wavg` applies either as a
-size-weighted average; `policy_softmax` is the masked softmax DynamicViT and DiffRate train through.
+size-weighted average; `policy_softmax` is the masked softmax DynamicViT and DiffRate train through;
+`mean_rope` gives reduced tokens their rotary position embedding.
 """
 from __future__ import annotations
 
@@ -158,3 +159,28 @@ def policy_softmax(logits: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
     shifted = logits - logits.max(dim=-1, keepdim=True)[0]
     weights = shifted.to(torch.float32).exp() * gate
     return ((weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)).type_as(logits)
+
+
+def mean_rope(table: Tensor, positions: Tensor, num_tokens: int, num_prefix: int) -> Tensor:
+    """The RoPE of tokens after reductions: each token's rotation table is the mean of the tables of the patches
+    it carries (the position-embedding average the ToMe author suggests, facebookresearch/ToMe#29), so a kept
+    token keeps its own rotation exactly and a merged or fused one sits at the mean of its patches.
+
+    table: `(N0, D)` or `(H, N0, D)` the backbone's per-patch table; positions: `(B, N0)` the position of each
+    patch's token among the `num_tokens` current ones (prefix included), -1 when pruned
+    -> `(B, 1 or H, num_tokens - num_prefix, D)`.
+    """
+    heads = table.unsqueeze(0) if table.dim() == 2 else table  # (H', N0, D)
+    h, n0, d = heads.shape
+    batch, n = positions.shape[0], num_tokens - num_prefix
+    slot = torch.where(positions >= num_prefix, positions - num_prefix, n)  # (B, N0): pruned patches -> spare slot n
+    sums = heads.new_zeros(batch, h, n + 1, d).scatter_add_(
+        2, slot[:, None, :, None].expand(batch, h, n0, d), heads.unsqueeze(0).expand(batch, -1, -1, -1))
+    counts = heads.new_zeros(batch, n + 1).scatter_add_(1, slot, heads.new_ones(batch, n0))
+    return sums[:, :, :n] / counts[:, None, :n, None]
+
+
+def identity_rope(like: Tensor, tokens: int) -> Tensor:
+    """A RoPE table that rotates nothing (sin 0, cos 1) for `tokens` tokens, shaped like `like (..., M, 2 D)`."""
+    shape = (*like.shape[:-2], tokens, like.shape[-1] // 2)
+    return torch.cat([like.new_zeros(shape), like.new_ones(shape)], dim=-1)

@@ -86,13 +86,13 @@ class PiToMeBlock(ReductionBlock):
     prop_attn: bool = False
 
     def forward(self, x: Tensor, size: Optional[Tensor] = None, ratio: Optional[float] = None,  # type: ignore[override]
-                record: bool = False) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                record: bool = False, rope: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         if ratio is None or merge_count(x.shape[1] - self.num_prefix, ratio) <= 0:
-            return self.dense(x), size, None  # (the official code re-orders the tokens here and merges nothing)
+            return self.dense(x, rope), size, None  # (the official code re-orders the tokens here and merges nothing)
         bias = None
         if self.prop_attn and size is not None:
             bias = size.log()[:, None, None, :, 0].to(x.dtype)  # (B, 1, 1, N): towards each key j
-        attn = self.attn.forward_reduce(self.norm1(x), bias, keys=True)
+        attn = self.attn.forward_reduce(self.norm1(x), bias, keys=True, rope=rope)
         x = x + self.drop_path1(self.ls1(attn.x))
         merge = energy_matching(attn.keys, ratio, self.margin, self.num_prefix, self.bipartite)
         dest = merge.dest(x.shape[1]) if record else None

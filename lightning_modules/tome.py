@@ -77,11 +77,11 @@ class ToMeBlock(ReductionBlock):
     prop_attn: bool = True
 
     def forward(self, x: Tensor, size: Optional[Tensor] = None, r: Optional[int] = None,  # type: ignore[override]
-                record: bool = False) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                record: bool = False, rope: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         bias = None
         if self.prop_attn and size is not None:
             bias = size.log()[:, None, None, :, 0].to(x.dtype)  # (B, 1, 1, N): towards each key j
-        attn = self.attn.forward_reduce(self.norm1(x), bias, keys=True)
+        attn = self.attn.forward_reduce(self.norm1(x), bias, keys=True, rope=rope)  # keys as attention sees them
         x = x + self.drop_path1(self.ls1(attn.x))
         dest = None
         merge = bipartite_soft_matching(attn.keys, r or 0, self.num_prefix)

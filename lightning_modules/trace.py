@@ -66,6 +66,8 @@ class TraceRecorder:
     owner: Tensor
     num_prefix_tokens: int
     grid_size: tuple[int, int]
+    positions: Tensor  # (B, N0) where each patch's token is in the sequence (masked tokens stay in place); -1: pruned
+    moves: int = 0  # reductions that moved tokens so far (RoPE follows them: see `ViTStudent.block_rope`)
     owners: list[Tensor] = field(default_factory=list)
     counts: list[Tensor] = field(default_factory=list)
     mlp_counts: list[Tensor] = field(default_factory=list)
@@ -74,16 +76,19 @@ class TraceRecorder:
     def start(cls, batch: int, grid_size: tuple[int, int], num_prefix_tokens: int, device: torch.device) -> TraceRecorder:
         num_patches = grid_size[0] * grid_size[1]
         owner = torch.arange(num_prefix_tokens, num_prefix_tokens + num_patches, device=device)
-        return cls(owner.expand(batch, -1).clone(), num_prefix_tokens, tuple(grid_size))
+        owner = owner.expand(batch, -1).clone()
+        return cls(owner, num_prefix_tokens, tuple(grid_size), owner)
 
     def remap(self, dest: Tensor) -> None:
         """Tokens moved: `dest (B, N)` is each current token's new position, or -1 when it left."""
         self.owner = remap_owner(self.owner, dest)
+        self.positions = remap_owner(self.positions, dest)
+        self.moves += 1
 
     def drop(self, keep: Tensor) -> None:
         """Tokens stay in place but some stop taking part: `keep (B, N)` bool."""
         positions = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
-        self.remap(positions.masked_fill(~keep, -1))
+        self.owner = remap_owner(self.owner, positions.masked_fill(~keep, -1))
 
     def place(self, owner: Tensor) -> None:
         """Set the owner map outright (`(B, N0)`, -1 when gone): for methods that track positions themselves."""

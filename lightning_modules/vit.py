@@ -1,10 +1,12 @@
 """timm plumbing: build a student ViT with a method's blocks, run it block by block, load weights.
 
-The student wraps a timm `VisionTransformer` built by `timm.create_model(name, block_fn=...)`, so every
-timm ViT variant (LayerScale, qk-norm, distillation or register tokens, avg-pool heads) keeps its own
-embedding, norms and head. A method subclasses `ViTStudent`: a method that reduces inside blocks gives
-`ReductionBlock`s and `layer_settings`, one that reduces between blocks `before_block`; an adaptive one
-overrides `forward_blocks`. `forward_head` when the head must know about the reduction.
+The student wraps a timm `VisionTransformer` built by `timm.create_model(name, block_fn=...)`, or a timm `Eva`
+(EVA-02, DINOv3, Perception Encoder: RoPE, SwiGLU, registers, MAP heads) whose blocks `layers.convert_eva` turns
+into the method's, so every timm ViT variant (LayerScale, qk-norm, distillation or register tokens, avg-pool
+and MAP heads) keeps its own embedding, norms and head. A method subclasses `ViTStudent`: a method that
+reduces inside blocks gives `ReductionBlock`s and `layer_settings`, one that reduces between blocks
+`before_block`; an adaptive one overrides `forward_blocks`. `forward_head` when the head must know about the
+reduction.
 """
 from __future__ import annotations
 
@@ -16,12 +18,16 @@ from typing import Any, Callable, Optional
 import timm
 import torch
 from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model
+from timm.models import get_arch_name, is_model, model_entrypoint
 from timm.models.deit import VisionTransformerDistilled
+from timm.models.eva import Eva
+from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_modules.layers import ReductionBlock
+from lightning_modules.layers import ReductionBlock, convert_eva
+from lightning_modules.ops import mean_rope
 from lightning_modules.trace import TokenTrace, TraceRecorder
 
 log = logging.getLogger(__name__)
@@ -99,6 +105,15 @@ def check_hub_weights(name: str, key: str, local_key: str) -> None:
                      f"{local_key}=FILE")
 
 
+ViT = VisionTransformer | Eva
+
+
+def is_eva(backbone: str) -> bool:
+    """Whether timm builds `backbone` as its `Eva` class (which takes no `block_fn`)."""
+    arch = get_arch_name(backbone)
+    return is_model(arch) and model_entrypoint(arch).__module__ == "timm.models.eva"
+
+
 def create_vit(
     backbone: str,
     *,
@@ -108,13 +123,16 @@ def create_vit(
     drop_path_rate: float = 0.0,
     block_fn: Optional[Callable[..., nn.Module]] = None,
     **kwargs: Any,
-) -> VisionTransformer:
-    """`timm.create_model` for a ViT, with the method's block class when given."""
+) -> ViT:
+    """`timm.create_model` for a ViT, with the method's block class when given (an Eva's blocks are converted to
+    it after building; its attention class follows from its own: `attn_layer` applies to VisionTransformers)."""
     if img_size is not None:
         kwargs["img_size"] = img_size
     if pretrained:
         check_hub_weights(backbone, "model.pretrained", "model.weights")
-    if block_fn is not None:
+    if is_eva(backbone):  # takes neither: its blocks (and their attention) are converted after building
+        kwargs.pop("attn_layer", None)
+    elif block_fn is not None:
         kwargs["block_fn"] = block_fn
     try:
         model = timm.create_model(
@@ -124,8 +142,10 @@ def create_vit(
         if "Unknown model" in str(err):
             raise ValueError(f"backbone: unknown timm model {backbone!r}") from err
         raise
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"backbone: {backbone!r} is a {type(model).__name__}, not a timm VisionTransformer")
+    if not isinstance(model, (VisionTransformer, Eva)):
+        raise ValueError(f"backbone: {backbone!r} is a {type(model).__name__}, not a timm VisionTransformer or Eva")
+    if isinstance(model, Eva) and block_fn is not None:
+        convert_eva(model.blocks, block_fn)
     embed = model.patch_embed
     if not getattr(embed, "dynamic_img_pad", False) and embed.img_size is not None:
         # (H, W) that the patch size does not divide: the convolution would silently drop the last pixels
@@ -135,18 +155,29 @@ def create_vit(
     return model
 
 
+def backbone_name(vit: nn.Module) -> str:
+    """timm's name of a built model (its architecture), for messages."""
+    cfg = getattr(vit, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture", type(vit).__name__))
+
+
 class ViTStudent(nn.Module):
-    """A timm VisionTransformer driven block by block, so a method can reduce tokens between and inside blocks.
+    """A timm VisionTransformer (or Eva) driven block by block, so a method can reduce tokens between and inside
+    blocks.
 
     `student(images)` -> logits `(B, num_classes)`; `student(images, trace=True)` -> `(logits, TokenTrace)`.
     This base class is the dense model: it gives timm's logits exactly.
+
+    RoPE (an Eva with `rope`): every block gets the rotation table of the tokens entering it (`block_rope`): timm's
+    table until a reduction moves tokens, then `ops.mean_rope` of the patches each token carries, from the
+    positions the token trace follows (so a trace recorder runs in every forward pass of such a model).
     """
 
     # Modules a method adds to the dense ViT (DynamicViT's `score_predictor`): a weights file without them (a
     # dense DeiT checkpoint) initialises the backbone and leaves these at their fresh initialisation.
     added_modules: tuple[str, ...] = ()
 
-    def __init__(self, vit: VisionTransformer) -> None:
+    def __init__(self, vit: ViT) -> None:
         super().__init__()
         self.vit = vit
         for block in vit.blocks:
@@ -177,43 +208,69 @@ class ViTStudent(nn.Module):
 
     def embed(self, images: Tensor) -> Tensor:
         """images `(B, 3, H, W)` -> tokens `(B, prefix + N0, C)`, exactly as timm's `forward_features` starts."""
-        x = self.vit.patch_embed(images)
-        x = self.vit._pos_embed(x)
-        x = self.vit.patch_drop(x)
-        return self.vit.norm_pre(x)
+        return self.embed_rope(images)[0]
+
+    def embed_rope(self, images: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """The tokens and timm's RoPE table for them: `(N0, D)`, `(H, N0, D)`, or per block `(depth, H, N0, D)` for
+        mixed RoPE; None without RoPE."""
+        vit = self.vit
+        x = vit.patch_embed(images)
+        if isinstance(vit, Eva):
+            x, rope = vit._pos_embed(x)  # (Eva's patch dropout is inside)
+            return vit.norm_pre(x), rope
+        x = vit._pos_embed(x)
+        x = vit.patch_drop(x)
+        return vit.norm_pre(x), None
 
     def forward(self, images: Tensor, trace: bool = False) -> Tensor | tuple[Tensor, TokenTrace]:
-        x = self.embed(images)
+        x, rope = self.embed_rope(images)
         recorder = None
-        if trace:
+        if trace or rope is not None:  # RoPE follows the tokens through the positions the recorder keeps
             recorder = TraceRecorder.start(x.shape[0], self.grid_size(images), self.num_prefix_tokens, x.device)
-        x, state = self.forward_blocks(x, recorder)
+        x, state = self.forward_blocks(x, recorder, rope)
         x = self.vit.norm(x)
         logits = self.forward_head(x, state)
-        if recorder is None:
+        if not trace:
             return logits
         return logits, recorder.finish(self.tokens_out(x, state))
 
-    def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder]) -> tuple[Tensor, Any]:
+    def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder],
+                       rope: Optional[Tensor] = None) -> tuple[Tensor, Any]:
         """Run every block and keep the token trace; return the tokens and the state the head needs.
 
         The loop every fixed-count method shares: `before_block` may reduce between blocks (DynamicViT), a
-        `ReductionBlock` gets its `layer_settings()` entry and the state it returned last and may reduce
-        inside the block (ToMe, EViT); plain timm blocks run as they are.
+        `ReductionBlock` gets its `layer_settings()` entry, the state it returned last and its RoPE table, and
+        may reduce inside the block (ToMe, EViT); plain timm blocks run as they are.
         """
         state: Any = None
         for layer, (block, setting) in enumerate(zip(self.vit.blocks, self.layer_settings())):
             x, state = self.before_block(layer, x, state, recorder)
             if recorder is not None:
                 recorder.block(x.shape[1])
+            block_rope = self.block_rope(rope, layer, recorder, x.shape[1])
             if not isinstance(block, ReductionBlock):
-                x = self.run_block(block, x)
+                x = self.run_block(block, x) if block_rope is None else self.run_block(block, x, rope=block_rope)
                 continue
-            x, state, dest = self.run_block(block, x, state, setting, recorder is not None)
+            x, state, dest = self.run_block(block, x, state, setting, recorder is not None, block_rope)
             if recorder is not None and dest is not None:
                 recorder.remap(dest)
                 recorder.mlp(x.shape[1])
         return x, state
+
+    def layer_rope(self, rope: Optional[Tensor], layer: int) -> Optional[Tensor]:
+        """Block `layer`'s part of timm's RoPE table (mixed RoPE has one per block)."""
+        if rope is None or not getattr(self.vit, "rope_mixed", False):
+            return rope
+        return rope[layer]
+
+    def block_rope(self, rope: Optional[Tensor], layer: int, recorder: Optional[TraceRecorder],
+                   num_tokens: int) -> Optional[Tensor]:
+        """The RoPE table of the `num_tokens` tokens entering block `layer`: timm's until a reduction moved
+        tokens, then each token's patches' mean (`ops.mean_rope`) -> None or `(..., num_tokens - prefix, D)`."""
+        table = self.layer_rope(rope, layer)
+        if table is None or recorder is None or recorder.moves == 0:
+            return table
+        return mean_rope(table, recorder.positions, num_tokens, self.num_prefix_tokens)
 
     def layer_settings(self) -> list[Any]:
         """What each block's reduction gets (None: that block runs dense)."""
@@ -241,11 +298,15 @@ class ViTStudent(nn.Module):
         """Tokens leaving the last block (per image for adaptive methods)."""
         return x.shape[1]
 
-    def run_block(self, block: nn.Module, *args: Any) -> Any:
+    def tokens_to_head(self, trace: TokenTrace) -> Tensor:
+        """(B,) tokens the head reads (a MAP head attends to all of them): those leaving the last block."""
+        return trace.tokens[:, -1]
+
+    def run_block(self, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """Call a block, through activation checkpointing when timm's `set_grad_checkpointing` is on."""
         if self.vit.grad_checkpointing and torch.is_grad_enabled():  # also when training in eval mode
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+            return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
 
     def extra_macs(self, trace: TokenTrace) -> Tensor:
         """(B,) MACs a method adds beyond the ViT's own layers (see lightning_modules.macs); none here."""
@@ -309,6 +370,8 @@ def load_weights(model: nn.Module, path: str | pathlib.Path) -> None:
         state = {k: v for k, v in state.items() if k not in own}
         if isinstance(vit, VisionTransformer):
             state = checkpoint_filter_fn(state, vit)  # resizes pos_embed, converts old layouts
+        elif isinstance(vit, Eva):
+            state = eva_checkpoint_filter_fn(state, vit)  # official EVA / PE / DINOv3 layouts -> timm's
         if isinstance(model, ViTStudent):
             state = {f"vit.{k}": v for k, v in state.items()} | own
     _load_matching(model, state, path)

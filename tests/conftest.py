@@ -90,6 +90,38 @@ def micro_vit(**kwargs: Any) -> torch.nn.Module:
     return timm.create_model("vit_micro_patch4_32", num_classes=10, **kwargs).eval()
 
 
+def assert_trace_invariants(trace: Any, *, prefix: int, depth: int, num_patches: int, static: bool) -> bool:
+    """The token trace's invariants (shapes, counts, owners in range, every token carries a patch or is a prefix
+    token, merged patches stay together, a patch once gone never returns); returns whether any block reduced."""
+    batch = trace.tokens.shape[0]
+    assert trace.num_prefix_tokens == prefix and trace.depth == depth
+    assert trace.grid_size[0] * trace.grid_size[1] == num_patches
+    assert trace.tokens.shape == (batch, depth + 1) and trace.mlp_tokens.shape == (batch, depth)
+    assert [tuple(o.shape) for o in trace.owner] == [(batch, num_patches)] * (depth + 1)
+    assert torch.equal(trace.owner[0], torch.arange(prefix, prefix + num_patches).expand(batch, -1))
+    assert (trace.tokens[:, 0] == num_patches + prefix).all()
+    assert (trace.mlp_tokens <= trace.tokens[:, :-1]).all() and (trace.tokens[:, 1:] <= trace.mlp_tokens).all()
+    reduced = False
+    for layer, (owner, nxt) in enumerate(zip(trace.owner, trace.owner[1:])):
+        for b in range(batch):
+            here = owner[b]
+            live = here[here >= 0]
+            groups = live.unique().numel()  # tokens that carry patches
+            count = int(trace.tokens[b, layer])
+            assert (here >= -1).all() and (here < count).all()
+            assert groups <= count <= groups + prefix  # every token entering the block carries a patch or is a prefix token
+            if static:
+                assert (live >= prefix).all() and groups == count - prefix
+            # merged patches stay together and a patch once gone never comes back
+            after = nxt[b]
+            assert (after[here < 0] < 0).all()
+            table = torch.full((count,), -2, dtype=torch.long)
+            table[live] = after[here >= 0]
+            assert torch.equal(table[live], after[here >= 0])
+        reduced |= bool((trace.tokens[:, layer + 1] < trace.tokens[:, layer]).any())
+    return reduced
+
+
 def assert_fused_matches_explicit(student: torch.nn.Module, images: torch.Tensor) -> None:
     """timm's fused SDPA and explicit attention paths give the same logits and the same token trace."""
     outputs = []

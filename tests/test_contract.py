@@ -19,7 +19,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import REPO, assert_fused_matches_explicit
+from conftest import REPO, assert_fused_matches_explicit, assert_trace_invariants
 from datamodules import EmbeddedDataModule
 from lightning_modules import METHODS, method_name
 from lightning_modules.macs import count_macs
@@ -66,31 +66,7 @@ def test_trace_invariants(method: str) -> None:
     with torch.no_grad():
         logits, trace = module.student(images, trace=True)
         torch.testing.assert_close(logits, module(images))  # module(images) and the traced student agree
-    prefix, depth = 2, 4
-    assert trace.num_prefix_tokens == prefix and trace.depth == depth and trace.grid_size == (8, 8)
-    assert trace.tokens.shape == (3, depth + 1) and trace.mlp_tokens.shape == (3, depth)
-    assert [tuple(o.shape) for o in trace.owner] == [(3, 64)] * (depth + 1)
-    assert torch.equal(trace.owner[0], torch.arange(prefix, prefix + 64).expand(3, -1))
-    assert (trace.tokens[:, 0] == 64 + prefix).all()
-    assert (trace.mlp_tokens <= trace.tokens[:, :-1]).all() and (trace.tokens[:, 1:] <= trace.mlp_tokens).all()
-    reduced = False
-    for layer, (owner, nxt) in enumerate(zip(trace.owner, trace.owner[1:])):
-        for b in range(3):
-            here = owner[b]
-            live = here[here >= 0]
-            groups = live.unique().numel()  # tokens that carry patches
-            count = int(trace.tokens[b, layer])
-            assert (here >= -1).all() and (here < count).all()
-            assert groups <= count <= groups + prefix  # every token entering the block carries a patch or is a prefix token
-            if type(module).static_shapes:
-                assert (live >= prefix).all() and groups == count - prefix
-            # merged patches stay together and a patch once gone never comes back
-            after = nxt[b]
-            assert (after[here < 0] < 0).all()
-            table = torch.full((count,), -2, dtype=torch.long)
-            table[live] = after[here >= 0]
-            assert torch.equal(table[live], after[here >= 0])
-        reduced |= bool((trace.tokens[:, layer + 1] < trace.tokens[:, layer]).any())
+    reduced = assert_trace_invariants(trace, prefix=2, depth=4, num_patches=64, static=type(module).static_shapes)
     assert reduced == (method != "dense")  # demo_settings reduce
 
 

@@ -137,3 +137,20 @@ def test_shared_training_arguments_all_run(method: str, train_mode: bool, teache
     assert changed
     if distill:
         assert spies.teacher_calls >= batches
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_linear_probe_trains_the_classifier_and_the_methods_own_modules_only(method: str) -> None:
+    extra = {"kl_weight": 0.0, "distill_weight": 0.0} if "kl_weight" in METHODS[method].__init__.__code__.co_varnames else {}
+    module = build(method, linear_probe=True, mixup=0.0, cutmix=0.0, **extra).train()
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    terms = module.loss_terms(images, targets)
+    sum(module.loss_weights()[k] * v for k, v in terms.items()).backward()
+    student = module.student
+    learned = {name for name, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    heads = {"vit.head.weight", "vit.head.bias", "vit.head_dist.weight", "vit.head_dist.bias"}
+    own = tuple(f"{m}." for m in student.added_modules)
+    assert {"vit.head.weight", "vit.head_dist.weight"} <= learned  # both DeiT heads learn
+    assert all(name in heads or name.startswith(own) for name in learned)
+    frozen = [p for name, p in student.named_parameters() if name not in heads and not name.startswith(own)]
+    assert frozen and not any(p.requires_grad for p in frozen)
