@@ -1,8 +1,8 @@
 """`leanvit benchmark CONFIG [batch_sizes=[1,32,256]] [precision=32|bf16-mixed|16-mixed] [compile=true]
 [output=FILE.json]`: throughput of a configured method next to its dense backbone, no data set needed.
 
-`python -m experiments.benchmark grid [--output BENCHMARKS.md]` (`make benchmark`) runs the standard grid on
-the machine it is on and rewrites that device's tables in BENCHMARKS.md.
+`python -m experiments.benchmark grid [--grid deit|eva|all] [--output BENCHMARKS.md]` (`make benchmark`) runs the
+standard grids on the machine it is on and rewrites that device's tables in BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def benchmark_command(config: str, overrides: list[str]) -> int:
 
 # ------------------------------------------------------------------------------------------------ the grid
 # (config, overrides, A-ViT mean depth standing in for trained weights: the papers' MAC ratios)
-GRID = {
+DEIT_GRID = {
     "deit_tiny": [("deit_tiny/dense.yaml", []), ("deit_tiny/tome_r12.yaml", ["model.r=13"]),
                   ("deit_tiny/evit_kr0.7.yaml", []), ("deit_tiny/dynamicvit_r0.7.yaml", []),
                   ("deit_tiny/avit.yaml", ["avit_depth=0.63"]), ("deit_tiny/pitome_ratio0.9125.yaml", []),
@@ -163,16 +163,43 @@ GRID = {
                    ("deit_small/avit.yaml", ["avit_depth=0.78"]), ("deit_small/pitome_ratio0.9125.yaml", []),
                    ("deit_small/diffrate_2.9g.yaml", [])],
 }
+# DiffRate's official DeiT-S 2.9 G counts (class token included), applied as they are to the Eva backbones
+_DIFFRATE = ["model.prune_kept_num=[197,196,190,168,150,139,129,117,99,78,58,3]",
+             "model.merge_kept_num=[197,194,176,156,141,133,121,107,88,64,56,3]"]
 
 
-def run_grid(markdown: Path, warmup: int, repeats: int) -> list[dict[str, Any]]:
-    """Run the standard grid here and rewrite this device's section of BENCHMARKS.md."""
+def _eva_rows(config: str, r: int, extra: list[str]) -> list[tuple[str, list[str]]]:
+    """Every method on one Eva backbone at the DeiT-S settings (ToMe at the r of DeiT-S r=13's MAC ratio)."""
+    return [(config, extra), (config, ["method=tome", f"model.r={r}", *extra]), (config, ["method=evit", *extra]),
+            (config, ["method=dynamicvit", *extra]), (config, ["method=avit", "avit_depth=0.78", *extra]),
+            (config, ["method=pitome", *extra]), (config, ["method=diffrate", *_DIFFRATE, *extra])]
+
+
+# timm's Eva backbones (RoPE) at 224 px, with each method at DeiT-S's settings
+EVA_GRID = {
+    "dinov3_vit_s16": _eva_rows("dinov3_vit_s16/dense.yaml", 13, []),
+    "dinov3_vit_b16": _eva_rows("dinov3_vit_b16/dense.yaml", 13, []),
+    "eva02_vit_b14": _eva_rows("eva02_vit_b14/dense.yaml", 17, ["model.img_size=224"]),
+}
+# name -> (grid, CPU batch sizes, the note under its table)
+GRIDS: dict[str, tuple[dict[str, list[tuple[str, list[str]]]], list[int], str]] = {
+    "deit": (DEIT_GRID, [1, 32], "A-ViT rows use random weights with the halting gate set to the papers' mean depth "
+                                 "(DeiT-T 0.63, DeiT-S 0.78 of the blocks)."),
+    "eva": (EVA_GRID, [32], "timm's Eva backbones with RoPE at 224 px (EVA-02 B/14: 256 patches), random weights, every "
+                            "method at its DeiT-S setting: ToMe at the r of DeiT-S r=13's MAC ratio (DINOv3 13, EVA-02 17), "
+                            "EViT/DynamicViT 0.7, A-ViT at mean depth 0.78, PiToMe 0.9125, DiffRate DeiT-S's 2.9 G counts."),
+}
+
+
+def run_grid(markdown: Path, warmup: int, repeats: int, name: str = "deit") -> list[dict[str, Any]]:
+    """Run one standard grid here and rewrite this device's section of it in BENCHMARKS.md."""
     from experiments.build import build_objects, load_checked
 
+    grid, cpu_batches, note = GRIDS[name]
     gpu = torch.cuda.is_available()
-    batch_sizes, precision = ([1, 32, 256], "bf16-mixed") if gpu else ([1, 32], "32")
+    batch_sizes, precision = ([1, 32, 256], "bf16-mixed") if gpu else (cpu_batches, "32")
     rows = []
-    for backbone, entries in GRID.items():
+    for backbone, entries in grid.items():
         for config, overrides in entries:
             cfg = load_checked(config, overrides, BENCHMARK_KEYS)
             cfg["model"] = dict(cfg["model"], pretrained=False)
@@ -181,17 +208,18 @@ def run_grid(markdown: Path, warmup: int, repeats: int) -> list[dict[str, Any]]:
             print(f"[grid] {config} {' '.join(overrides)}", file=sys.stderr, flush=True)
             rows += benchmark_module(module, cfg["method"], batch_sizes, precision=precision, warmup=warmup,
                                      repeats=repeats, avit_depth=cfg.get("avit_depth"))
-    write_section(markdown, rows)
+    write_section(markdown, rows, "" if name == "deit" else name, note)
     return rows
 
 
-def write_section(markdown: Path, rows: list[dict[str, Any]]) -> None:
-    """Replace (or append) the section of BENCHMARKS.md for the device the rows were measured on."""
+def write_section(markdown: Path, rows: list[dict[str, Any]], grid: str = "", note: str = "") -> None:
+    """Replace (or append) the section of BENCHMARKS.md for the device (and grid) the rows were measured on."""
     device = rows[0]["device"]
-    begin, end = f"<!-- grid: {device} -->", f"<!-- end grid: {device} -->"
-    body = (f"{begin}\n### {device}\n\n{format_table(rows)}\n\nMeasured by `make benchmark` "
-            f"(`python -m experiments.benchmark grid`); A-ViT rows use random weights with the halting gate set "
-            f"to the papers' mean depth (DeiT-T 0.63, DeiT-S 0.78 of the blocks).\n{end}")
+    key = f"{device} {grid}".strip()
+    begin, end = f"<!-- grid: {key} -->", f"<!-- end grid: {key} -->"
+    title = device if not grid else f"{device}: {grid} grid"
+    body = (f"{begin}\n### {title}\n\n{format_table(rows)}\n\nMeasured by `make benchmark` "
+            f"(`python -m experiments.benchmark grid`); {note}\n{end}")
     text = markdown.read_text() if markdown.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip() + "\n\n" + body + "\n"
@@ -204,9 +232,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--output", default="BENCHMARKS.md")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--grid", choices=[*GRIDS, "all"], default="all",
+                        help="deit: DeiT-T/S; eva: DINOv3 S/B and EVA-02 B (RoPE); all: both")
     args = parser.parse_args(argv)
-    rows = run_grid(Path(args.output), args.warmup, args.repeats)
-    print(format_table(rows))
+    for name in GRIDS if args.grid == "all" else [args.grid]:
+        print(format_table(run_grid(Path(args.output), args.warmup, args.repeats, name)))
     return 0
 
 
