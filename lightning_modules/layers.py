@@ -66,7 +66,10 @@ class ReductionAttentionOps:
     training: bool
 
     def packed_qkv(self, x: Tensor) -> Tensor:
-        """x: (..., C) -> (..., 3 attn_dim): q, k, v as the timm class computes them."""
+        """x: (..., C) -> (..., 3 attn_dim): q, k, v as the timm class computes them (one fused projection, or
+        Eva's three)."""
+        if getattr(self, "qkv", None) is None:
+            return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # type: ignore[attr-defined]
         return self.qkv(x)  # type: ignore[attr-defined]
 
     def forward_reduce(self, x: Tensor, bias: Optional[Tensor] = None, *, keys: bool = False,
@@ -131,10 +134,8 @@ class EvaReductionAttention(ReductionAttentionOps, EvaAttention):
         return self.num_heads * self.head_dim
 
     def packed_qkv(self, x: Tensor) -> Tensor:
-        if self.qkv is None:  # three projections, as EvaAttention runs them
-            return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        if self.q_bias is None:
-            return self.qkv(x)
+        if self.qkv is None or self.q_bias is None:
+            return super().packed_qkv(x)
         bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
         if self.qkv_bias_separate:
             return self.qkv(x) + bias
@@ -143,11 +144,6 @@ class EvaReductionAttention(ReductionAttentionOps, EvaAttention):
 
 class RopeReductionAttention(ReductionAttentionOps, AttentionRope):
     """timm's AttentionRope (DINOv3, Perception Encoder) with the reduction methods (no grouped-query attention)."""
-
-    def packed_qkv(self, x: Tensor) -> Tensor:
-        if self.qkv is None:
-            return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        return self.qkv(x)
 
 
 def _bool_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:

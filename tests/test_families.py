@@ -156,7 +156,7 @@ def test_rope_follows_the_tokens(method: str, family: str, monkeypatch: pytest.M
     for layer, emb in enumerate(applied):
         table = module.student.layer_rope(rope, layer)  # (N0, D) or (H, N0, D)
         table = table[None] if table.dim() == 2 else table
-        emb = emb.expand(2, table.shape[0], -1, -1) if emb.dim() == 4 else emb.expand(2, table.shape[0], -1, -1)
+        emb = emb.expand(2, table.shape[0], -1, -1)  # (B, H', n, D)
         owner = trace.owner[layer]
         for b in range(2):
             for j in range(emb.shape[2]):
