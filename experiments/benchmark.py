@@ -1,8 +1,11 @@
 """`leanvit benchmark CONFIG [batch_sizes=[1,32,256]] [precision=32|bf16-mixed|16-mixed] [compile=true]
-[output=FILE.json]`: throughput of a configured method next to its dense backbone, no data set needed.
+[compile_mode=default|reduce-overhead|max-autotune|max-autotune-no-cudagraphs] [output=FILE.json]`: throughput of a
+configured method next to its dense backbone, no data set needed.
 
 `python -m experiments.benchmark grid [--grid deit|eva|all] [--output BENCHMARKS.md]` (`make benchmark`) runs the
-standard grids on the machine it is on and rewrites that device's tables in BENCHMARKS.md.
+standard grids on the machine it is on and rewrites that device's tables in BENCHMARKS.md;
+`python -m experiments.benchmark compile` (`make benchmark-compile`) times every fixed-shape method of DeiT-S eager
+and under torch.compile, each against the dense model both ways, and rewrites that device's compile table.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ BENCHMARK_KEYS: dict[str, Any] = {
     "batch_sizes": list[int],
     "precision": str,
     "compile": bool,
+    "compile_mode": str,
     "output": Optional[str],
     "warmup": int,
     "repeats": int,
@@ -45,12 +49,34 @@ def calibrate_halting(student: torch.nn.Module, images: torch.Tensor, depth_frac
     return student.gate_center
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                        ("cpu" if device == "auto" else device))
+
+
+def compiled(model: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+    """torch.compile as the benchmark uses it (the modes recording CUDA graphs are for a GPU)."""
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
+def dense_twin(module: Any, device: torch.device) -> torch.nn.Module:
+    """A dense student of the module's backbone (random weights: its speed does not depend on them)."""
+    from lightning_modules.vit import ViTStudent, create_vit
+
+    hp = module.hparams
+    vit = create_vit(hp.backbone, num_classes=hp.num_classes, img_size=hp.img_size, **(hp.backbone_kwargs or {}))
+    return ViTStudent(vit).eval().to(device)
+
+
 def benchmark_module(module: Any, method: str, batch_sizes: list[int], *, precision: str = "32",
                      compile: bool = False, warmup: int = 3, repeats: int = 10, device: str = "auto",
-                     avit_depth: Optional[float] = None) -> list[dict[str, Any]]:
-    """Rows (ROW_KEYS) for one module at several batch sizes; the dense baseline is timed in the same run."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+                     avit_depth: Optional[float] = None, compile_mode: str = "default") -> list[dict[str, Any]]:
+    """Rows (ROW_KEYS) for one module at several batch sizes; the dense baseline is timed in the same run (with
+    `compile`, compiled the same way: the row's speed-up is compiled against compiled)."""
+    dev = resolve_device(device)
     module = module.to(dev).eval()
     size = module.student.vit.patch_embed.img_size
     rows = []
@@ -65,25 +91,91 @@ def benchmark_module(module: Any, method: str, batch_sizes: list[int], *, precis
         timed = None
         static = type(module).static_shapes  # torch.compile-able: fixed shapes per batch size
         if compile and static:
-            timed = torch.compile(module.student)
+            timed = compiled(module.student, compile_mode)
         elif compile:
             print(f"leanvit benchmark: {method} changes shapes per input; timed without torch.compile", file=sys.stderr)
         row = measure(module, images, dense, precision=precision, warmup=warmup, repeats=repeats, model=timed)
         row["method"] = method
         if compile and static:  # compare compiled with compiled
-            from lightning_modules.vit import ViTStudent, create_vit
-
-            hp = module.hparams
-            twin = ViTStudent(create_vit(hp.backbone, num_classes=hp.num_classes, img_size=hp.img_size,
-                                         **(hp.backbone_kwargs or {}))).eval().to(dev)
+            twin = dense_twin(module, dev)
             set_fused_attention(twin, dense.fused)
-            dense_ips = time_model(torch.compile(twin), images, precision, warmup, repeats).images_per_sec
+            dense_ips = time_model(compiled(twin, compile_mode), images, precision, warmup, repeats).images_per_sec
             row.update(dense_images_per_sec=dense_ips, speedup=row["images_per_sec"] / dense_ips)
             row["efficiency"] = row["speedup"] / row["mac_ratio"]
         print(f"leanvit benchmark:   {row['images_per_sec']:.1f} img/s, x{row['speedup']:.2f} the dense model",
               file=sys.stderr, flush=True)
         rows.append(row)
     return rows
+
+
+# ------------------------------------------------------------------------------------------------ eager vs compiled
+COMPARE_KEYS = ("method", "backbone", "batch_size", "eager_precision", "eager_images_per_sec", "precision",
+                "compile_mode", "images_per_sec", "dense_eager_images_per_sec", "dense_images_per_sec", "mac_ratio",
+                "speedup", "efficiency", "device")
+
+
+def compare_compiled(module: Any, method: str, batch_sizes: list[int], *, eager_precision: str = "32",
+                     precision: str = "32", warmup: int = 3, repeats: int = 10, device: str = "auto",
+                     avit_depth: Optional[float] = None, dense_cache: Optional[dict[Any, tuple[float, float]]] = None,
+                     mode_for: Any = None) -> list[dict[str, Any]]:
+    """Rows (COMPARE_KEYS) for one module: its student eager at `eager_precision` and compiled at `precision`
+    (a method whose shapes change per input runs eager there too: compile_mode "eager"), and the dense model both
+    ways. speed-up: the compiled student against the FASTEST dense (eager at its best attention path, or
+    compiled); efficiency: speed-up / MAC ratio. `dense_cache` shares the dense timings between the methods of a
+    grid; `mode_for(batch_size)` picks the compile mode (default: "default")."""
+    dev = resolve_device(device)
+    module = module.to(dev).eval()
+    size = module.student.vit.patch_embed.img_size
+    cache = {} if dense_cache is None else dense_cache
+    rows = []
+    for batch_size in batch_sizes:
+        mode = mode_for(batch_size) if mode_for is not None else "default"
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(batch_size, 3, *size, generator=generator).to(dev)
+        if method == "avit" and avit_depth is not None:
+            calibrate_halting(module.student, images, avit_depth)
+        key = (module.hparams.backbone, str(module.hparams.backbone_kwargs), batch_size, eager_precision, precision,
+               mode)
+        if key not in cache:
+            print(f"leanvit benchmark: dense {module.hparams.backbone} batch {batch_size}: eager {eager_precision}, "
+                  f"compiled {precision} ({mode}) ...", file=sys.stderr, flush=True)
+            dense = dense_baseline(module, images, eager_precision, warmup, repeats)
+            twin = dense_twin(module, dev)
+            set_fused_attention(twin, dense.fused)
+            compiled_ips = time_model(compiled(twin, mode), images, precision, warmup, repeats).images_per_sec
+            cache[key] = (dense.timing.images_per_sec, compiled_ips, dense)
+        dense_eager, dense_compiled, dense = cache[key]
+        print(f"leanvit benchmark: {method} {module.hparams.backbone} batch {batch_size}: eager {eager_precision}, "
+              f"compiled {precision} ({mode}) ...", file=sys.stderr, flush=True)
+        row = measure(module, images, dense, precision=eager_precision, warmup=warmup, repeats=repeats)
+        static = type(module).static_shapes
+        timed = compiled(module.student, mode) if static else module.student
+        ips = time_model(timed, images, precision, warmup, repeats).images_per_sec
+        speedup = ips / max(dense_eager, dense_compiled)
+        rows.append(dict(method=method, backbone=module.hparams.backbone, batch_size=batch_size,
+                         eager_precision=eager_precision, eager_images_per_sec=row["images_per_sec"],
+                         precision=precision, compile_mode=mode if static else "eager",
+                         images_per_sec=ips, dense_eager_images_per_sec=dense_eager,
+                         dense_images_per_sec=dense_compiled, mac_ratio=row["mac_ratio"], speedup=speedup,
+                         efficiency=speedup / row["mac_ratio"], device=row["device"]))
+        print(f"leanvit benchmark:   eager {row['images_per_sec']:.1f} img/s, compiled {ips:.1f} img/s, x{speedup:.2f} "
+              f"the fastest dense model", file=sys.stderr, flush=True)
+    return rows
+
+
+def format_compare_table(rows: list[dict[str, Any]]) -> str:
+    header = ("| method | backbone | batch | eager img/s | compiled img/s | compile gain | dense eager img/s | "
+              "dense compiled img/s | speed-up vs fastest dense | MAC ratio | efficiency |")
+    lines = [header, "|" + "---|" * 11]
+    for r in rows:
+        eager = f"{r['eager_images_per_sec']:.1f}" + ("" if r["eager_precision"] == r["precision"]
+                                                       else f" ({r['eager_precision']})")
+        mode = "" if r["compile_mode"] == "default" else f" ({r['compile_mode']})"
+        lines.append(f"| {r['method']} | {r['backbone']} | {r['batch_size']} | {eager} | "
+                     f"{r['images_per_sec']:.1f}{mode} | x{r['images_per_sec'] / r['eager_images_per_sec']:.2f} | "
+                     f"{r['dense_eager_images_per_sec']:.1f} | {r['dense_images_per_sec']:.1f} | x{r['speedup']:.2f} | "
+                     f"{r['mac_ratio']:.2f} | {r['efficiency']:.2f} |")
+    return "\n".join(lines)
 
 
 def _gmacs(value: float) -> str:
@@ -126,6 +218,12 @@ def check_benchmark_options(cfg: dict[str, Any]) -> None:
         if bad or (key == "batch_sizes" and cfg.get(key) == []):
             raise ConfigError(f"{key}: expected {'sizes' if key == 'batch_sizes' else 'a count'} >= {low}, "
                               f"got {cfg.get(key)!r}")
+    mode = str(cfg.get("compile_mode") or "default")
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode: expected one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode in ("reduce-overhead", "max-autotune") and resolve_device(device).type != "cuda":
+        raise ConfigError(f"compile_mode: {mode} records CUDA graphs, which need a GPU; on the CPU use default or "
+                          f"max-autotune-no-cudagraphs")
     depth = cfg.get("avit_depth")
     if depth is not None and not 0 < depth <= 1:
         raise ConfigError(f"avit_depth: expected a fraction of the blocks in (0, 1], got {depth!r}")
@@ -143,7 +241,8 @@ def benchmark_command(config: str, overrides: list[str]) -> int:
     rows = benchmark_module(
         module, cfg["method"], list(cfg.get("batch_sizes") or [1, 32]), precision=str(cfg.get("precision") or "32"),
         compile=bool(cfg.get("compile")), warmup=int(cfg.get("warmup") or 3), repeats=int(cfg.get("repeats") or 10),
-        device=str(cfg.get("device") or "auto"), avit_depth=cfg.get("avit_depth"))
+        device=str(cfg.get("device") or "auto"), avit_depth=cfg.get("avit_depth"),
+        compile_mode=str(cfg.get("compile_mode") or "default"))
     print(format_table(rows))
     print(f"device: {rows[0]['device']}")
     if cfg.get("output"):
@@ -193,33 +292,61 @@ GRIDS: dict[str, tuple[dict[str, list[tuple[str, list[str]]]], list[int], str]] 
 
 def run_grid(markdown: Path, warmup: int, repeats: int, name: str = "deit") -> list[dict[str, Any]]:
     """Run one standard grid here and rewrite this device's section of it in BENCHMARKS.md."""
-    from experiments.build import build_objects, load_checked
-
     grid, cpu_batches, note = GRIDS[name]
     gpu = torch.cuda.is_available()
     batch_sizes, precision = ([1, 32, 256], "bf16-mixed") if gpu else (cpu_batches, "32")
     rows = []
     for backbone, entries in grid.items():
         for config, overrides in entries:
-            cfg = load_checked(config, overrides, BENCHMARK_KEYS)
-            cfg["model"] = dict(cfg["model"], pretrained=False)
-            torch.manual_seed(0)
-            module, _ = build_objects(cfg, resuming=False, command="benchmark")
-            print(f"[grid] {config} {' '.join(overrides)}", file=sys.stderr, flush=True)
+            module, cfg = build_entry(config, overrides)
             rows += benchmark_module(module, cfg["method"], batch_sizes, precision=precision, warmup=warmup,
                                      repeats=repeats, avit_depth=cfg.get("avit_depth"))
     write_section(markdown, rows, "" if name == "deit" else name, note)
     return rows
 
 
-def write_section(markdown: Path, rows: list[dict[str, Any]], grid: str = "", note: str = "") -> None:
+def build_entry(config: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
+    """A grid entry's module (random weights, seed 0) and its checked config."""
+    from experiments.build import build_objects, load_checked
+
+    cfg = load_checked(config, overrides, BENCHMARK_KEYS)
+    cfg["model"] = dict(cfg["model"], pretrained=False)
+    torch.manual_seed(0)
+    module, _ = build_objects(cfg, resuming=False, command="benchmark")
+    print(f"[grid] {config} {' '.join(overrides)}", file=sys.stderr, flush=True)
+    return module, cfg
+
+
+def run_compile_grid(markdown: Path, warmup: int, repeats: int, backbone: str = "deit_small") -> list[dict[str, Any]]:
+    """Every fixed-shape method of a DeiT (and its dense model) eager and compiled, batch 1 and 32 (on a GPU:
+    compiled in bf16, CUDA graphs at batch 1); rewrites this device's compile section of BENCHMARKS.md."""
+    gpu = torch.cuda.is_available()
+    batch_sizes, precision = ([1, 32, 256], "bf16-mixed") if gpu else ([1, 32], "32")
+    rows: list[dict[str, Any]] = []
+    cache: dict[Any, Any] = {}
+    for config, overrides in DEIT_GRID[backbone]:
+        module, cfg = build_entry(config, overrides)
+        if not type(module).static_shapes:
+            continue
+        rows += compare_compiled(module, cfg["method"], batch_sizes, precision=precision, warmup=warmup,
+                                 repeats=repeats, dense_cache=cache,
+                                 mode_for=lambda b: "reduce-overhead" if gpu and b == 1 else "default")
+    note = ("eager and `torch.compile`d (inductor, mode default) student and dense model, random weights, timed side "
+            "by side; speed-up against the faster of the eager dense model (at its fastest attention path) and the "
+            "compiled one.")
+    write_section(markdown, rows, "compile", note, table=format_compare_table(rows),
+                  command="`make benchmark-compile` (`python -m experiments.benchmark compile`)")
+    return rows
+
+
+def write_section(markdown: Path, rows: list[dict[str, Any]], grid: str = "", note: str = "",
+                  table: Optional[str] = None, command: str = "`make benchmark` (`python -m experiments.benchmark grid`)") -> None:
     """Replace (or append) the section of BENCHMARKS.md for the device (and grid) the rows were measured on."""
     device = rows[0]["device"]
     key = f"{device} {grid}".strip()
     begin, end = f"<!-- grid: {key} -->", f"<!-- end grid: {key} -->"
     title = device if not grid else f"{device}: {grid} grid"
-    body = (f"{begin}\n### {title}\n\n{format_table(rows)}\n\nMeasured by `make benchmark` "
-            f"(`python -m experiments.benchmark grid`); {note}\n{end}")
+    body = f"{begin}\n### {title}\n\n{table or format_table(rows)}\n\nMeasured by {command}; {note}\n{end}"
     text = markdown.read_text() if markdown.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip() + "\n\n" + body + "\n"
@@ -228,13 +355,16 @@ def write_section(markdown: Path, rows: list[dict[str, Any]], grid: str = "", no
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.benchmark")
-    parser.add_argument("command", choices=["grid"])
+    parser.add_argument("command", choices=["grid", "compile"])
     parser.add_argument("--output", default="BENCHMARKS.md")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--grid", choices=[*GRIDS, "all"], default="all",
                         help="deit: DeiT-T/S; eva: DINOv3 S/B and EVA-02 B (RoPE); all: both")
     args = parser.parse_args(argv)
+    if args.command == "compile":
+        print(format_compare_table(run_compile_grid(Path(args.output), args.warmup, args.repeats)))
+        return 0
     for name in GRIDS if args.grid == "all" else [args.grid]:
         print(format_table(run_grid(Path(args.output), args.warmup, args.repeats, name)))
     return 0

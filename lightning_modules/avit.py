@@ -90,16 +90,23 @@ class PackedLayout:
     lengths: Tensor  # (B',) active tokens per running image
     uniform: bool  # every running image has all its tokens at the same count: no padding at all
 
+    length: int  # the longest running image's token count (the padded length)
+
     @classmethod
     def build(cls, image: Tensor, position: Tensor, batch: int) -> PackedLayout:
-        counts = torch.bincount(image, minlength=batch)
+        """One host sync (the three sizes the padded shapes need); bincount and boolean indexing would each add
+        one on a GPU."""
+        counts = torch.zeros(batch, dtype=torch.long, device=image.device).scatter_add_(0, image, torch.ones_like(image))
         running = counts > 0
+        longest = counts.max()
+        shortest = torch.where(running, counts, longest).min()
+        rows, length, short = torch.stack([running.sum(), longest, shortest]).tolist()  # the one sync
         row_of_image = torch.cumsum(running, 0) - 1
         starts = torch.cumsum(counts, 0) - counts
-        lengths = counts[running]
+        running_images = torch.argsort((~running).to(torch.uint8), stable=True)[:rows]  # (B',) in image order
         rank = torch.arange(image.shape[0], device=image.device) - starts[image]
-        uniform = bool((lengths == lengths.max()).all()) if lengths.numel() else True
-        return cls(image, position, row_of_image[image], rank, counts, lengths, uniform)
+        return cls(image, position, row_of_image[image], rank, counts, counts[running_images], short == length,
+                   length)
 
 
 def attend_packed(attn: ReductionAttention, x: Tensor, layout: PackedLayout, rope: Optional[Tensor] = None) -> Tensor:
@@ -107,7 +114,7 @@ def attend_packed(attn: ReductionAttention, x: Tensor, layout: PackedLayout, rop
     tokens attend only to each other (the linear layers see no padding; the attention pads per image).
     rope: None or `(T, 1 or H, D)` every packed token's RoPE table (prefix tokens: the identity)."""
     qkv = attn.packed_qkv(x)  # (T, 3C)
-    rows, length = layout.lengths.shape[0], int(layout.lengths.max())
+    rows, length = layout.lengths.shape[0], layout.length
 
     def pad(t: Tensor) -> Tensor:  # (T, ...) -> (B', L, ...)
         if layout.uniform:
@@ -229,13 +236,15 @@ class AViTStudent(ViTStudent):
                 h = torch.ones_like(h)
             step = act_step(c, R, h, self.eps)
             output.index_put_((image, position), tokens * step.weight[:, None], accumulate=True)
-            keep = step.active
+            keep = step.active  # (T,)
             if head:  # an image is finished once the tokens its head reads have halted
-                alive = torch.zeros(B, dtype=torch.bool, device=device)
-                alive[image[keep & (position < head)]] = True
-                keep = keep & alive[image]
-            image, position, tokens, c, R = image[keep], position[keep], tokens[keep], step.c[keep], step.R[keep]
-            if image.numel() == 0:
+                reads = (keep & (position < head)).to(torch.uint8)
+                alive = reads.new_zeros(B).scatter_reduce_(0, image, reads, "amax")  # (B,) 1 while it runs
+                keep = keep & alive[image].bool()
+            kept = keep.nonzero().squeeze(1)  # (T',) the block's one other host sync; then only gathers
+            image, position, tokens = image[kept], position[kept], tokens[kept]
+            c, R = step.c[kept], step.R[kept]
+            if kept.numel() == 0:
                 break
         if recorder is not None:
             finished = PackedLayout.build(image, position, B)

@@ -124,6 +124,20 @@ class DiffRateRates(nn.Module):
         self.prune = nn.ModuleList(RateProxy(num_patches, g) for g in sizes)
         self.merge = nn.ModuleList(RateProxy(num_patches, g) for g in sizes)
         self.register_buffer("kept", torch.full((2, depth), num_patches, dtype=torch.long))
+        # `kept` as Python ints: what inference reads, so torch.compile sees constants rather than a
+        # data-dependent `.tolist()` (a graph break); refreshed by `set_kept` and after load_state_dict
+        self.counts: list[tuple[int, int]] = [(num_patches, num_patches)] * depth
+        self.register_load_state_dict_post_hook(lambda module, _: module.sync_counts())
+
+    def set_kept(self, kept: Tensor) -> None:
+        """Set the (2, depth) patch counts evaluation uses (prune, then merge)."""
+        with torch.no_grad():
+            self.kept.copy_(kept)
+        self.sync_counts()
+
+    def sync_counts(self) -> None:
+        prune, merge = self.kept.tolist()
+        self.counts = list(zip(prune, merge))
 
     def expected_counts(self) -> list[list[int]]:
         with torch.no_grad():
@@ -248,8 +262,7 @@ class DiffRateStudent(ViTStudent):
         self.rates = DiffRateRates(self.depth, vit.patch_embed.num_patches, granularity)  # counts: set by the module
 
     def layer_settings(self) -> list[tuple[int, int]]:
-        kept = self.rates.kept.tolist()
-        return list(zip(kept[0], kept[1]))
+        return self.rates.counts
 
     def forward_head(self, x: Tensor, size: Optional[Tensor]) -> Tensor:
         return self.size_weighted_head(x, size)
@@ -274,8 +287,8 @@ class DiffRateStudent(ViTStudent):
             x, size, mask, prune, merge = self.run_block(block.search, x, size, mask, self.rates.prune[layer],
                                                          self.rates.merge[layer])
             counts.append((prune, merge))
-        with torch.no_grad():  # what evaluation uses from now on, as the official kept_token_number
-            self.rates.kept.copy_(torch.tensor([[int(a) for a, _ in counts], [int(b) for _, b in counts]]))
+        # what evaluation uses from now on, as the official kept_token_number
+        self.rates.set_kept(torch.tensor([[int(a) for a, _ in counts], [int(b) for _, b in counts]]))
         return self.vit.forward_head(self.vit.norm(x)), counts
 
 
@@ -340,11 +353,11 @@ class DiffRateModule(ReductionModule):
                 log.warning("model.target_flops: compression_rate.json has no %s G entry for %s (it has %s): until a "
                             "search (fit) has run, evaluation uses the search's starting counts", target_flops,
                             backbone, available_rates(backbone) or "none")
-                rates.kept.copy_(torch.tensor(rates.expected_counts()))
+                rates.set_kept(torch.tensor(rates.expected_counts()))
         if counts is not None:
             if any(len(c) != depth for c in counts):
                 raise ValueError(f"model.target_flops: the {target_flops} G counts are for another depth than {depth}")
-            rates.kept.copy_(torch.tensor(counts) - 1)
+            rates.set_kept(torch.tensor(counts) - 1)
         if self.searching:
             self.student.vit.requires_grad_(False)  # the official search steps the arch parameters only
         else:

@@ -133,3 +133,28 @@ def assert_fused_matches_explicit(student: torch.nn.Module, images: torch.Tensor
     torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-4, atol=1e-5)
     for a, b in zip(outputs[0][1].owner, outputs[1][1].owner):
         assert torch.equal(a, b)
+
+
+class HostSyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts the calls that make a GPU wait for the host to read a value (a host sync): `.item()`, `.tolist()`,
+    a tensor's truth or int value, `nonzero`, `bincount`, `masked_select`, `unique`, and indexing with a boolean
+    mask. On the CPU nothing waits, but the same code syncs on a GPU, so the count is what a GPU would pay."""
+
+    SYNCING = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "bincount",
+               "masked_select", "unique", "repeat_interleave"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = getattr(func, "__name__", "")
+        # repeat_interleave syncs for tensor repeats without an output_size (an int repeat does not)
+        counts_repeats = len(args) > 1 and isinstance(args[1], torch.Tensor) and not (kwargs or {}).get("output_size")
+        if name in self.SYNCING and (name != "repeat_interleave" or counts_repeats):
+            self.calls.append(name)
+        elif name in ("__getitem__", "__setitem__", "index_put_", "index_put") and len(args) > 1:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
+                self.calls.append(f"{name}[bool]")
+        return func(*args, **(kwargs or {}))

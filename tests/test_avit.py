@@ -160,3 +160,20 @@ def test_fit_lowers_the_average_depth(in_tmp: Path) -> None:
     acc = column(rows, "val/acc1")
     assert depth[-1] < 2.0 and depth[-1] < depth[0]  # 2 blocks in the fast quickstart model
     assert acc[-1] > 25
+
+
+def test_packed_inference_syncs_with_the_host_at_most_twice_per_block() -> None:
+    """On a GPU every value the host reads (a boolean mask index, `.item()`, bincount's size) stalls the stream.
+    Packing needs the number of active tokens and the padded length each block: one `nonzero` and one read of
+    three sizes; everything else stays on the device. (It used to be about nine per block.)"""
+    from conftest import HostSyncCounter
+
+    module = micro(gate_center=2.0)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        x = module.student.embed(images)
+        with HostSyncCounter() as counter:
+            module.student.forward_packed(x)
+    blocks = module.student.depth
+    assert counter.calls, "the counter sees the packing's syncs"
+    assert len(counter.calls) <= 2 * blocks, counter.calls
