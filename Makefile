@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install quickstart test test-slow benchmark accuracy clean
+.PHONY: install quickstart test test-slow test-gpu gpu-check benchmark benchmark-compile accuracy clean
 
 install: $(STAMP)
 
@@ -29,10 +29,27 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow --durations=15
 
+# The GPU path (tests/test_gpu.py): skipped without a GPU; DEVICE=cpu runs the same tests on this CPU.
+# On a machine with torch but without this venv (a lent GPU): NO_INSTALL=1 PY=python3.
+DEVICE ?= cuda
+DEPS := $(if $(filter 1,$(NO_INSTALL)),,$(STAMP))
+test-gpu: $(DEPS)
+	LEANVIT_TEST_DEVICE=$(DEVICE) $(PY) -m pytest -q -m gpu tests/test_gpu.py --durations=10
+
+# ONE time-boxed script for a GPU loan: test-gpu, the GPU grid (DeiT-T/S/B x every method x batch 1/32/256, eager
+# fp32 and compiled bf16), the GPU section of BENCHMARKS.md. DEVICE=cpu: the same at tiny sizes, written to runs/.
+gpu-check: $(DEPS)
+	$(PY) -m experiments.gpu_check --device $(DEVICE)
+
 # The standard grid (dense, ToMe r13, EViT 0.7, DynamicViT 0.7, A-ViT on DeiT-T and DeiT-S; batch 1 and 32,
 # and 256 in bf16 on a GPU) on this machine; rewrites this device's section of BENCHMARKS.md.
 benchmark: $(STAMP)
 	$(PY) -m experiments.benchmark grid --output BENCHMARKS.md
+
+# Every fixed-shape method of DeiT-S eager and torch.compile'd, batch 1 and 32, against the dense model both ways;
+# rewrites this device's compile section of BENCHMARKS.md.
+benchmark-compile: $(STAMP)
+	$(PY) -m experiments.benchmark compile --output BENCHMARKS.md
 
 # Accuracy vs speed at small scale: a dense micro ViT from scratch on the canvas digits, every method fine-tuned
 # from it with its recipe's structure, the report; rewrites the accuracy section of BENCHMARKS.md (~15 min here).
