@@ -5,10 +5,13 @@ import pytorch_lightning as pl
 
 from datamodules.embedded import EmbeddedDataModule, export_image_folder
 from datamodules.imagenet import ImageDataModule, ImageNetDataModule
+from datamodules.shards import WdsDataModule
 
 DATAMODULES: dict[str, type[pl.LightningDataModule]] = {
     "imagenet": ImageNetDataModule,
     "embedded": EmbeddedDataModule,
+    "wds": WdsDataModule,
 }
 
-__all__ = ["DATAMODULES", "EmbeddedDataModule", "ImageDataModule", "ImageNetDataModule", "export_image_folder"]
+__all__ = ["DATAMODULES", "EmbeddedDataModule", "ImageDataModule", "ImageNetDataModule", "WdsDataModule",
+           "export_image_folder"]

@@ -385,14 +385,16 @@ _TIPS_FILTER = _DropLightningTips()  # one instance: adding it again is a no-op
 def quiet_lightning() -> None:
     """Silence the Lightning messages about concerns leanvit already handles: its epoch-level metrics are
     torchmetrics gathered over every rank (the `sync_dist=True` advice does not apply), checkpoint folders of a
-    resumed run are meant to hold checkpoints, a short epoch's logging interval; its internal deprecation
+    resumed run are meant to hold checkpoints, a short epoch's logging interval, the shard stream's length (each
+    loader worker streams its own planned slice, so `__len__` is exact); its internal deprecation
     warnings and tips are not the user's to act on."""
     import logging
     import warnings
 
     for message in (r".*sync_dist=True.*", r".*isinstance\(treespec, LeafSpec\).*",
                     r"Checkpoint directory .* exists and is not empty", r".*smaller than the logging interval.*",
-                    r".*does not have many workers which may be a bottleneck.*"):
+                    r".*does not have many workers which may be a bottleneck.*",
+                    r"Your `IterableDataset` has `__len__` defined.*"):
         warnings.filterwarnings("ignore", message=message)
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_TIPS_FILTER)
@@ -705,11 +707,33 @@ def report_command(run_dirs: list[str], out: str) -> int:
     return 0
 
 
-def export_data(out: str, dataset: str) -> int:
+def export_data(out: str, dataset: str, format: str = "folder", samples_per_shard: int = 1000) -> int:
     from datamodules import export_image_folder
+    from datamodules.shard_writer import export_embedded_shards
+    from experiments.config import ConfigError
 
+    if format == "wds":
+        try:
+            root = export_embedded_shards(out, dataset, samples_per_shard=samples_per_shard)
+        except FileExistsError as err:
+            raise ConfigError(str(err)) from err
+        print(f"leanvit: wrote {dataset} as shards {root}/{{train,val}}/*.tar and {root}/_info.json "
+              f"(datamodule: wds, data.root={root})")
+        return 0
     root = export_image_folder(out, dataset)  # type: ignore[arg-type]
     print(f"leanvit: wrote {dataset} as {root}/{{train,val}}/<class>/*.png")
+    return 0
+
+
+def shard_command(source: str, out: str, samples_per_shard: int, seed: int) -> int:
+    from datamodules.shard_writer import shard_image_folder
+    from experiments.config import ConfigError
+
+    try:
+        root = shard_image_folder(source, out, samples_per_shard=samples_per_shard, seed=seed)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+    print(f"leanvit shard: wrote {root}/{{train,val}}/*.tar and {root}/_info.json (datamodule: wds, data.root={root})")
     return 0
 
 
@@ -764,6 +788,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = sub.add_parser("export-data", help="write the embedded data set as an ImageNet-style folder tree")
     p.add_argument("out", help="output folder")
     p.add_argument("--dataset", default="digits", choices=["digits", "digits_canvas", "mnist"])
+    p.add_argument("--format", default="folder", choices=["folder", "wds"],
+                   help="folder: OUT/{train,val}/<class>/*.png; wds: tar shards OUT/{train,val}/*.tar + _info.json")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p = sub.add_parser("shard", help="write an ImageNet-style folder (SOURCE/{train,val}/<class>/<image>) as tar "
+                                     "shards for `datamodule: wds`")
+    p.add_argument("source", help="the image folder")
+    p.add_argument("out", help="a new folder for the shards")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0, help="the training samples' shuffle before sharding")
     args = parser.parse_args(argv)
     previous: dict[int, Any] = {}
     if args.command == "fit":
@@ -792,7 +825,8 @@ def run_command(args: argparse.Namespace) -> int:
         "fit": lambda: run_trainer_command("fit", args.config, args.overrides),
         "validate": lambda: run_trainer_command("validate", args.config, args.overrides),
         "test": lambda: run_trainer_command("test", args.config, args.overrides),
-        "export-data": lambda: export_data(args.out, args.dataset),
+        "export-data": lambda: export_data(args.out, args.dataset, args.format, args.samples_per_shard),
+        "shard": lambda: shard_command(args.source, args.out, args.samples_per_shard, args.seed),
         "benchmark": lambda: benchmark_command(args.config, args.overrides),
         "config": lambda: config_command(args.config, args.overrides),
         "visualize": lambda: visualize_command(args.config, args.overrides),

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO
 
-COMMANDS = ("fit", "validate", "test", "config", "benchmark", "visualize", "report", "export-data")
+COMMANDS = ("fit", "validate", "test", "config", "benchmark", "visualize", "report", "export-data", "shard")
 
 
 def readme_commands() -> list[list[str]]:
@@ -47,8 +47,8 @@ def test_readme_command_is_valid(args: list[str], capsys: pytest.CaptureFixture[
         assert done.value.code == 0 and "shipped experiments" in capsys.readouterr().out
         return
     assert args[0] in COMMANDS, args
-    if args[0] in ("report", "export-data"):
-        assert len(args) >= 2, args
+    if args[0] in ("report", "export-data", "shard"):
+        assert len(args) >= 2 + (args[0] == "shard"), args
         return
     config, overrides = args[1], args[2:]
     extra = {"benchmark": BENCHMARK_KEYS, "visualize": VISUALIZE_KEYS}.get(args[0])
