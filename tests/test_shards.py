@@ -221,3 +221,25 @@ def test_preempted_mid_epoch_on_shards_resumes_exactly(shards: Path, tmp_path: P
     resumed = check_success(leanvit_subprocess("fit", WDS, *args, "resume=auto", cwd=tmp_path))
     assert f"at step {step} (epoch 0)" in resumed.stdout
     assert_same_weights(weights(tmp_path / "reference" / "digits" / "dense_wds" / "version_0"), weights(run))
+
+
+def test_shards_from_a_url_and_a_pipe(shards: Path) -> None:
+    """Object storage goes through fsspec (its in-memory file system stands in for s3:// here: the same opener),
+    `pipe:CMD` through webdataset's gopen; both stream the local shards' samples."""
+    import fsspec
+
+    from datamodules.shards import WdsDataModule
+
+    memory = fsspec.filesystem("memory")
+    for path in shards.rglob("*"):
+        if path.is_file():
+            memory.pipe(f"/bucket/{path.relative_to(shards)}", path.read_bytes())
+    expected = None
+    for root in ("memory://bucket", f"pipe:cat {shards}", str(shards)):
+        dm = WdsDataModule(root=root, img_size=32, batch_size=32, num_workers=0, pin_memory=False, shuffle_buffer=64)
+        dm.setup("validate")
+        assert dm.shards["train"].num_samples == 1438 and dm.classes == [str(c) for c in range(10)]
+        labels = torch.cat([y for _, y in dm.val_dataloader()])
+        expected = labels if expected is None else expected
+        assert torch.equal(labels, expected) and len(labels) == 359
+    memory.rm("/bucket", recursive=True)
