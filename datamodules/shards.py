@@ -350,12 +350,13 @@ class ShardLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         stream_ = self.dataset
-        for key, now in (("world", stream_.world), ("workers", stream_.workers)):  # type: ignore[attr-defined]
+        checked = (("world", "trainer.devices x num_nodes", "processes", stream_.world),  # type: ignore[attr-defined]
+                   ("workers", "data.num_workers", "loader workers", stream_.workers))  # type: ignore[attr-defined]
+        for key, setting, what, now in checked:
             if key in state and state[key] != now:
-                raise DataError(f"{'trainer.devices x num_nodes' if key == 'world' else 'data.num_workers'}: the "
-                                f"checkpoint's shard stream ran with {state[key]} {'processes' if key == 'world' else 'loader workers'}, "
-                                f"this run has {now}; a mid-epoch resume of sharded data needs the same (or resume "
-                                f"from an epoch-end checkpoint)")
+                raise DataError(f"{setting}: the checkpoint's shard stream ran with {state[key]} {what}, this run has "
+                                f"{now}; a mid-epoch resume of sharded data needs the same (or resume from an "
+                                f"epoch-end checkpoint)")
         if "epoch" not in state:
             return
         if state.get("batches", 0) >= state.get("epoch_batches", float("inf")):

@@ -58,7 +58,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def compiled(model: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
-    """torch.compile as the benchmark uses it (the modes recording CUDA graphs are for a GPU)."""
+    """torch.compile as the benchmark uses it (the modes recording CUDA graphs are for a GPU). Dynamo's caches are
+    cleared first: a grid compiles the same `forward` for many models, and past dynamo's recompile limit (8 in some
+    torch releases) it would silently run the later ones eager."""
+    torch._dynamo.reset()
     return torch.compile(model, mode=None if mode == "default" else mode)
 
 
@@ -340,7 +343,8 @@ def run_compile_grid(markdown: Path, warmup: int, repeats: int, backbone: str = 
 
 
 def write_section(markdown: Path, rows: list[dict[str, Any]], grid: str = "", note: str = "",
-                  table: Optional[str] = None, command: str = "`make benchmark` (`python -m experiments.benchmark grid`)") -> None:
+                  table: Optional[str] = None,
+                  command: str = "`make benchmark` (`python -m experiments.benchmark grid`)") -> None:
     """Replace (or append) the section of BENCHMARKS.md for the device (and grid) the rows were measured on."""
     device = rows[0]["device"]
     key = f"{device} {grid}".strip()

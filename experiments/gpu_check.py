@@ -1,11 +1,12 @@
 """`make gpu-check [DEVICE=cuda|cpu]`: the whole GPU check as ONE time-boxed script, for a short loan of a GPU.
 
 1. `tests/test_gpu.py` (what `make test-gpu` runs) on the device, its log kept;
-2. the GPU grid: DeiT-S, DeiT-B, DeiT-T x every method x batch 256, 1, 32 (in that order of priority), each
+2. a torch.profiler table per method (DeiT-S, batch 256, eager bf16: the costliest ops, host syncs per forward);
+3. the GPU grid: DeiT-S, DeiT-B, DeiT-T x every method x batch 256, 1, 32 (in that order of priority), each
    student eager in fp32 and compiled in bf16-mixed (CUDA graphs at batch 1: `mode="reduce-overhead"`; A-ViT,
    whose shapes change per input, runs eager in bf16), each against its dense model timed both ways in the same
    run; entries past the time box are listed as not measured;
-3. the GPU section of BENCHMARKS.md rewritten with the GPU named (the rows also as JSON).
+4. the GPU section of BENCHMARKS.md rewritten with the GPU named (the rows also as JSON).
 
 DEVICE=cpu runs the same script on this machine at tiny sizes (micro ViTs, batch 1 and 4): the tests on the CPU
 (`LEANVIT_TEST_DEVICE=cpu`), the grid with the same code path, the table written under the results folder (never
@@ -144,6 +145,48 @@ def run_grid(device: str, clock: Clock, warmup: int, repeats: int) -> tuple[list
     return rows, skipped
 
 
+SYNC_OPS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::item", "cudaStreamSynchronize",
+            "cudaDeviceSynchronize")
+
+
+def profile_methods(device: str, clock: Clock, path: Path, seconds: float = 60.0) -> None:
+    """torch.profiler over each method of the grid's first backbone, eager under bf16 autocast at the largest batch:
+    the ops that cost the most device (or CPU) time and the host syncs per forward, into `path`, for the session
+    that removes what costs time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device == "cuda"
+    entries = (gpu_entries() if gpu else cpu_entries())[0][1]
+    batch = max(GPU_BATCHES if gpu else CPU_BATCHES)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+    stop = clock.elapsed() + seconds
+    lines = [f"# torch.profiler, eager bf16-mixed, batch {batch}, 3 forwards after 2 warm-up ones; sorted by {sort}"]
+    for label, build in entries:
+        if clock.elapsed() > stop or clock.left() <= 0:
+            lines.append(f"\n## {label}: not profiled within the time box")
+            continue
+        module, _, depth = build()
+        student = module.student.to(device).eval()
+        size = student.vit.patch_embed.img_size
+        images = torch.randn(batch, 3, *size, device=device)
+        with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16):
+            for _ in range(2):
+                student(images)
+            with profile(activities=activities) as prof:
+                for _ in range(3):
+                    student(images)
+                if gpu:
+                    torch.cuda.synchronize()
+        events = prof.key_averages()
+        syncs = {e.key: e.count // 3 for e in events if e.key in SYNC_OPS}
+        lines += [f"\n## {label}", f"host syncs per forward: {syncs or 'none'}",
+                  events.table(sort_by=sort, row_limit=12, max_name_column_width=60)]
+        del module, student
+    path.write_text("\n".join(lines) + "\n")
+    print(f"[gpu-check] profile written to {path}", flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -156,6 +199,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "the results folder's gpu_check.md on the CPU)")
     parser.add_argument("--results", default=None, help="results folder (default $OUT, else runs/gpu_check)")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--skip-profile", action="store_true")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
@@ -175,6 +219,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.skip_tests:
         tests_budget = args.tests_budget if args.tests_budget is not None else 0.4 * budget
         summary["tests"] = run_tests(args.device, min(tests_budget, clock.left()), out / "test_gpu.log")
+    if not args.skip_profile:
+        profile_methods(args.device, clock, out / "profile.txt", seconds=0.1 * budget)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     repeats = args.repeats if args.repeats is not None else (20 if gpu else 2)
     rows, skipped = run_grid(args.device, clock, warmup, repeats)

@@ -25,7 +25,7 @@ def test_the_time_box_stops_the_grid_and_names_what_it_left(tmp_path: Path) -> N
     """A 1-second box: the first entry (already started) is measured, every later one is listed as not measured,
     in the JSON and under the table; nothing is written to BENCHMARKS.md on the CPU."""
     before = (REPO / "BENCHMARKS.md").read_text()
-    assert gpu_check.main(["--device", "cpu", "--skip-tests", "--budget", "1", "--results", str(tmp_path),
+    assert gpu_check.main(["--device", "cpu", "--skip-tests", "--skip-profile", "--budget", "1", "--results", str(tmp_path),
                            "--repeats", "1", "--warmup", "0"]) == 0
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     entries = len(gpu_check.cpu_entries()[0][1]) * len(gpu_check.CPU_BATCHES)
@@ -39,8 +39,8 @@ def test_the_time_box_stops_the_grid_and_names_what_it_left(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_make_gpu_check_on_the_cpu(tmp_path: Path) -> None:
-    """The whole check as a GPU loan runs it, on the CPU: the GPU tests pass here and every grid entry is
-    measured."""
+    """The whole check as a GPU loan runs it, on the CPU: the GPU tests pass here, every method is profiled and
+    every grid entry is measured."""
     env = subprocess_env() | {"OUT": str(tmp_path)}
     done = subprocess.run(["make", "-s", "gpu-check", "DEVICE=cpu"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=1800)
@@ -48,4 +48,6 @@ def test_make_gpu_check_on_the_cpu(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert summary["tests"]["exit_code"] == 0 and " passed" in summary["tests"]["summary"]
     assert not summary["not_measured"]
+    profile = (tmp_path / "profile.txt").read_text()
+    assert all(f"## {method}\nhost syncs per forward:" in profile for method in METHODS)
     assert {r["method"] for r in summary["rows"]} == set(METHODS)

@@ -123,7 +123,8 @@ def loader(shards: Path, workers: int, skip: int = 0, epoch: int = 1) -> list[tu
     assert isinstance(dl, ShardLoader)
     dl.epoch = lambda: epoch  # type: ignore[method-assign]
     if skip:
-        dl.load_state_dict({"epoch": epoch, "batches": skip, "epoch_batches": len(dl), "world": 1, "workers": max(workers, 1)})
+        dl.load_state_dict({"epoch": epoch, "batches": skip, "epoch_batches": len(dl), "world": 1,
+                            "workers": max(workers, 1)})
     return list(dl)
 
 
@@ -162,7 +163,8 @@ def test_a_missing_or_corrupt_shard_is_one_line(shards: Path, tmp_path: Path, ca
     (broken / "train" / "train-000003.tar").unlink()
     assert leanvit("fit", WDS, *FAST, f"data.root={broken}", "trainer.max_epochs=1", f"runs_dir={tmp_path}/runs") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("leanvit: ") and "train-000003.tar does not exist" in err[-1] and "Traceback" not in "".join(err)
+    assert err[-1].startswith("leanvit: ") and "train-000003.tar does not exist" in err[-1]
+    assert "Traceback" not in "".join(err)
     shutil.rmtree(broken)
     shutil.copytree(shards, broken)
     shard = broken / "train" / "train-000000.tar"
@@ -243,3 +245,14 @@ def test_shards_from_a_url_and_a_pipe(shards: Path) -> None:
         expected = labels if expected is None else expected
         assert torch.equal(labels, expected) and len(labels) == 359
     memory.rm("/bucket", recursive=True)
+
+
+def test_a_mid_epoch_resume_with_other_workers_is_refused_in_one_line(shards: Path) -> None:
+    from datamodules.imagenet import DataError
+    from datamodules.shards import WdsDataModule
+
+    dm = WdsDataModule(root=str(shards), img_size=32, batch_size=32, num_workers=2, pin_memory=False)
+    dm.setup("fit")
+    with pytest.raises(DataError, match=r"^data\.num_workers: the checkpoint's shard stream ran with 3 loader workers, "
+                                        r"this run has 2"):
+        dm.train_dataloader().load_state_dict({"epoch": 0, "batches": 3, "epoch_batches": 44, "world": 1, "workers": 3})
