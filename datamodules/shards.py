@@ -132,6 +132,8 @@ def resolve_split(root: str, split: str, info: dict[str, Any], pattern: Optional
     else:
         return None
     urls = tuple(join(root, n) for n in names)
+    if not names or sum(int(known[n]) for n in names) == 0:
+        raise DataError(f"data: the {split} split of {root} has no samples")
     for url in urls:
         if is_local(url) and not Path(url).is_file():
             raise DataError(f"data: shard {url} does not exist ({split} split of {root})")
@@ -228,7 +230,7 @@ def stream(shards: ShardList, order: list[int], start: int, count: int,
     while left > 0:
         # the shard holding `position` of the sequence, and the sample's place in it
         before = 0
-        for slot, shard in enumerate(order):
+        for shard in order:
             if before + shards.lengths[shard] > position:
                 break
             before += shards.lengths[shard]
@@ -292,10 +294,10 @@ class ShardStream(IterableDataset):
         order = shard_order(self.shards, self.seed, epoch, self.train)
         samples: Iterable[tuple[int, dict[str, Any]]] = stream(self.shards, order, part.start, part.distinct)
         if self.train and self.shuffle_buffer > 1:
-            from webdataset.filters import _shuffle
+            from webdataset.filters import shuffle
 
             rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, self.world, self.workers))
-            samples = _shuffle(samples, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+            samples = shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
         emitted = 0
         for sample_id, sample in samples:
             for copy in range(self.repeats if self.train else 1):
