@@ -351,6 +351,13 @@ class ShardLoader(DataLoader):
                 "world": self.dataset.world, "workers": self.dataset.workers}  # type: ignore[attr-defined]
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("epoch") != self.epoch():
+            return  # from an epoch the trainer has completed: the next iterator streams the trainer's epoch, whole
+        if state.get("batches", 0) >= state.get("epoch_batches", float("inf")):
+            # written after the epoch's last training batch (before its validation): Lightning creates no other
+            # iterator before the next epoch, so this first one streams the next epoch, whole
+            self.restored_epoch = int(state["epoch"]) + 1
+            return
         stream_ = self.dataset
         checked = (("world", "trainer.devices x num_nodes", "processes", stream_.world),  # type: ignore[attr-defined]
                    ("workers", "data.num_workers", "loader workers", stream_.workers))  # type: ignore[attr-defined]
@@ -359,14 +366,7 @@ class ShardLoader(DataLoader):
                 raise DataError(f"{setting}: the checkpoint's shard stream ran with {state[key]} {what}, this run has "
                                 f"{now}; a mid-epoch resume of sharded data needs the same (or resume from an "
                                 f"epoch-end checkpoint)")
-        if "epoch" not in state:
-            return
-        if state.get("batches", 0) >= state.get("epoch_batches", float("inf")):
-            # written after the epoch's last training batch (before its validation): Lightning creates no other
-            # iterator before the next epoch, so this first one streams the next epoch
-            self.restored_epoch = int(state["epoch"]) + 1
-        else:
-            self.restored_epoch, self.skip = int(state["epoch"]), int(state.get("batches", 0))
+        self.restored_epoch, self.skip = int(state["epoch"]), int(state.get("batches", 0))
 
 
 # ------------------------------------------------------------------------------------------------ the DataModule

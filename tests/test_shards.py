@@ -153,6 +153,11 @@ def test_a_checkpoint_after_an_epochs_last_batch_resumes_with_the_next_epoch(sha
     restored = torch.cat([y for _, y in dl])
     assert not torch.equal(torch.cat([y for _, y in dl]), restored)  # (the next one reads the trainer's epoch: 0)
     assert torch.equal(torch.cat([y for _, y in loader(shards, workers=0, epoch=1)]), restored)
+    # a checkpoint of a completed epoch (the trainer resumes at the next one): that epoch, whole, whatever it says
+    dl.epoch = lambda: 1  # type: ignore[method-assign]
+    for batches in (0, 7, len(dl)):
+        dl.load_state_dict({"epoch": 0, "batches": batches, "epoch_batches": len(dl), "world": 1, "workers": 1})
+        assert torch.equal(torch.cat([y for _, y in dl]), restored)
 
 
 def test_a_missing_or_corrupt_shard_is_one_line(shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
