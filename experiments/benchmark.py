@@ -14,7 +14,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -119,8 +119,8 @@ COMPARE_KEYS = ("method", "backbone", "batch_size", "eager_precision", "eager_im
 
 def compare_compiled(module: Any, method: str, batch_sizes: list[int], *, eager_precision: str = "32",
                      precision: str = "32", warmup: int = 3, repeats: int = 10, device: str = "auto",
-                     avit_depth: Optional[float] = None, dense_cache: Optional[dict[Any, tuple[float, float]]] = None,
-                     mode_for: Any = None) -> list[dict[str, Any]]:
+                     avit_depth: Optional[float] = None, dense_cache: Optional[dict[tuple, tuple]] = None,
+                     mode_for: Optional[Callable[[int], str]] = None) -> list[dict[str, Any]]:
     """Rows (COMPARE_KEYS) for one module: its student eager at `eager_precision` and compiled at `precision`
     (a method whose shapes change per input runs eager there too: compile_mode "eager"), and the dense model both
     ways. speed-up: the compiled student against the FASTEST dense (eager at its best attention path, or
@@ -129,7 +129,8 @@ def compare_compiled(module: Any, method: str, batch_sizes: list[int], *, eager_
     dev = resolve_device(device)
     module = module.to(dev).eval()
     size = module.student.vit.patch_embed.img_size
-    cache = {} if dense_cache is None else dense_cache
+    # (backbone, kwargs, batch, precisions, mode) -> (dense eager img/s, dense compiled img/s, its DenseBaseline)
+    cache: dict[tuple, tuple] = {} if dense_cache is None else dense_cache
     rows = []
     for batch_size in batch_sizes:
         mode = mode_for(batch_size) if mode_for is not None else "default"
