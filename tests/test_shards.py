@@ -193,9 +193,10 @@ def test_fit_on_shards_two_ddp_processes(shards: Path, tmp_path: Path) -> None:
     assert results["val/acc1"] > 10
 
 
-def test_preempted_mid_epoch_on_shards_resumes_exactly(shards: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["single", pytest.param("ddp", marks=pytest.mark.slow)])
+def test_preempted_mid_epoch_on_shards_resumes_exactly(mode: str, shards: Path, tmp_path: Path) -> None:
     """SIGTERM mid-epoch (2 persistent loader workers, random augmentations, a step checkpoint every 5 steps),
-    then resume=auto: the same weights as the uninterrupted run."""
+    then resume=auto: the same weights as the uninterrupted run (1 process, and 2-process DDP)."""
     import os
     import signal
     import subprocess
@@ -208,6 +209,8 @@ def test_preempted_mid_epoch_on_shards_resumes_exactly(shards: Path, tmp_path: P
     args = [*FAST, f"data.root={shards}", "trainer.max_epochs=2", "model.mixup=0.8", "model.cutmix=1.0",
             "model.drop_path_rate=0.1", "model.ema_decay=0.9", "data.auto_augment=rand-m9-mstd0.5-inc1",
             "data.re_prob=0.25", "data.num_workers=2", "data.persistent_workers=true", "checkpoint.every_n_train_steps=5"]
+    if mode == "ddp":
+        args += ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
     check_success(leanvit_subprocess("fit", WDS, *args, "runs_dir=reference", cwd=tmp_path))
     victim = subprocess.Popen([sys.executable, "-m", "experiments.cli", "fit", WDS, *args], cwd=tmp_path,
                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -224,7 +227,7 @@ def test_preempted_mid_epoch_on_shards_resumes_exactly(shards: Path, tmp_path: P
     out, err = victim.communicate(timeout=300)
     assert victim.returncode == 75, err
     step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert 0 < step < 1438 // 32, "not a mid-epoch checkpoint"
+    assert 0 < step < 1438 // 32 // (2 if mode == "ddp" else 1), "not a mid-epoch checkpoint"
     resumed = check_success(leanvit_subprocess("fit", WDS, *args, "resume=auto", cwd=tmp_path))
     assert f"at step {step} (epoch 0)" in resumed.stdout
     assert_same_weights(weights(tmp_path / "reference" / "digits" / "dense_wds" / "version_0"), weights(run))
