@@ -5,10 +5,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import IO, Any, Callable, Optional
 
 import numpy as np
 import pytorch_lightning as pl
@@ -61,9 +62,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """An image file as 8-bit RGB (`to_rgb`); a decoding failure raises PIL's own error."""
-    with open(path, "rb") as f:
+def load_rgb(source: str | Path | IO[bytes]) -> Image.Image:
+    """An image file (a path, or an open binary file such as a shard member's bytes) as 8-bit RGB (`to_rgb`);
+    a decoding failure raises PIL's own error."""
+    with (open(source, "rb") if isinstance(source, (str, Path)) else contextlib.nullcontext(source)) as f:
         image = Image.open(f)
         image.load()
         return to_rgb(image)
@@ -242,14 +244,23 @@ class ImageDataModule(pl.LightningDataModule):
 
     def check_training_batches(self, world_size: int) -> None:
         """A training set that gives no full batch would end `fit` at once, "successfully": refuse it."""
-        self.setup("fit")
-        images = len(self.datasets["train"])  # type: ignore[arg-type]
-        per_rank = epoch_length(images, world_size, max(self.repeated_aug, 1))
+        images, per_rank = self.training_samples(world_size)
         if per_rank < self.batch_size:
             procs = f"{world_size} processes" if world_size > 1 else "1 process"
             raise DataError(f"data.batch_size: {self.batch_size} is more than the {per_rank} training samples an epoch "
                             f"gives each process ({images} images, {procs}): no training batch at all (the last "
                             f"partial batch is dropped); use data.batch_size <= {per_rank}")
+
+    def training_samples(self, world_size: int) -> tuple[int, int]:
+        """(training images, samples each process trains on per epoch)."""
+        self.setup("fit")
+        images = len(self.datasets["train"])  # type: ignore[arg-type]
+        return images, epoch_length(images, world_size, max(self.repeated_aug, 1))
+
+    def fit_epoch(self) -> int:
+        """The epoch the fit loop runs next (after a resume, not 0)."""
+        trainer = self.trainer
+        return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
 
     def _loader_kwargs(self) -> dict[str, Any]:
         return dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
@@ -264,10 +275,9 @@ class ImageDataModule(pl.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EpochSampler(self.datasets["train"], num_replicas=world, rank=rank, seed=self.seed,
                                repeats=self.repeated_aug)
-        if trainer is not None:
-            # Lightning creates the first iterator, and with workers prefetches from it, before its set_epoch
-            # call: after a resume that first epoch is not 0, so start at the epoch the fit loop resumes at.
-            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        # Lightning creates the first iterator, and with workers prefetches from it, before its set_epoch call:
+        # after a resume that first epoch is not 0, so start at the epoch the fit loop resumes at.
+        sampler.set_epoch(self.fit_epoch())
         return ResumableLoader(self.datasets["train"], batch_size=self.batch_size, sampler=sampler, drop_last=True,
                                progress=self._train_progress, **self._loader_kwargs())
 

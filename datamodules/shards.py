@@ -24,6 +24,7 @@ to its next batch.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import random
@@ -36,7 +37,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datamodules.imagenet import DataError, ImageDataModule, to_rgb
+from datamodules.imagenet import DataError, ImageDataModule, ResumableLoader, load_rgb
 from datamodules.sampling import derive_seed, epoch_length, seed_all
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
@@ -103,11 +104,7 @@ class ShardList:
 
     def offsets(self) -> list[int]:
         """The id of each shard's first sample (a sample's id: its position in the split's shard list)."""
-        out, total = [], 0
-        for n in self.lengths:
-            out.append(total)
-            total += n
-        return out
+        return [0, *itertools.accumulate(self.lengths)][:-1]
 
 
 def resolve_split(root: str, split: str, info: dict[str, Any], pattern: Optional[str]) -> Optional[ShardList]:
@@ -250,18 +247,17 @@ def stream(shards: ShardList, order: list[int], start: int, count: int,
         position = (before + length) % total
 
 
-def decode(sample: dict[str, Any], url_hint: str = "") -> tuple[Image.Image, int]:
+def decode(sample: dict[str, Any]) -> tuple[Image.Image, int]:
     key = next((k for k in IMAGE_KEYS if k in sample), None)
-    where = f"{sample.get('__url__', url_hint)}: sample {sample.get('__key__')}"
+    where = f"{sample.get('__url__')}: sample {sample.get('__key__')}"
     if key is None or "cls" not in sample:
         raise DataError(f"data: {where} has {sorted(k for k in sample if not k.startswith('__'))}; expected an image "
                         f"({', '.join(IMAGE_KEYS)}) and its class (.cls)")
     try:
-        image = Image.open(io.BytesIO(sample[key]))
-        image.load()
+        image = load_rgb(io.BytesIO(sample[key]))
     except (OSError, UnidentifiedImageError) as error:
         raise DataError(f"data: cannot read image {where}: {error}") from error
-    return to_rgb(image), int(sample["cls"])
+    return image, int(sample["cls"])
 
 
 class ShardStream(IterableDataset):
@@ -327,15 +323,14 @@ class ShardStream(IterableDataset):
             yield self.transform(image), target
 
 
-class ShardLoader(DataLoader):
-    """The loader of a ShardStream, with the state Lightning saves in checkpoints: (epoch, batches trained).
-    Each new iterator (one per epoch) reads the epoch from the trainer; a restored mid-epoch state makes the
-    next one skip the batches already trained."""
+class ShardLoader(ResumableLoader):
+    """The training loader of a ShardStream, with the folder loader's checkpoint state (epoch, batches trained)
+    and the stream's world size and worker count. Each new iterator (one per epoch) reads the epoch from the
+    trainer; a restored mid-epoch state makes the next one skip the batches already trained."""
 
-    def __init__(self, dataset: ShardStream, *args: Any, progress: Callable[[], tuple[int, int, int]],
-                 epoch: Callable[[], int], **kwargs: Any) -> None:
+    def __init__(self, dataset: ShardStream, *args: Any, epoch: Callable[[], int], **kwargs: Any) -> None:
         super().__init__(dataset, *args, **kwargs)
-        self.progress, self.epoch = progress, epoch
+        self.epoch = epoch
         self.skip = 0
         self.restored_epoch: Optional[int] = None  # the epoch the first iterator after a restore streams
 
@@ -346,9 +341,8 @@ class ShardLoader(DataLoader):
         return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
-        epoch, batches, epoch_batches = self.progress()
-        return {"epoch": epoch, "batches": batches, "epoch_batches": epoch_batches,
-                "world": self.dataset.world, "workers": self.dataset.workers}  # type: ignore[attr-defined]
+        stream_: ShardStream = self.dataset  # type: ignore[assignment]
+        return super().state_dict() | {"world": stream_.world, "workers": stream_.workers}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("epoch") != self.epoch():
@@ -398,48 +392,32 @@ class WdsDataModule(ImageDataModule):
                 self.shards[split] = shards
         for split in ("train", "val"):
             if split not in self.shards:
-                raise DataError(f"data.root: {self.root} has no {split} shards: expected {join(self.root, INFO_NAMES[0])} "
+                raise DataError(f"data.root: {self.root} has no {split} shards: expected "
+                                f"{join(self.root, INFO_NAMES[0])} "
                                 f"with splits.{split} (filenames, shard_lengths), or data.{split}_shards")
         self.shards.setdefault("test", self.shards["val"])
         classes = info.get("classes")
         self.classes = list(classes) if classes else [str(i) for i in range(int(info.get("num_classes", 1000)))]
-        self.datasets = {"train": self.shards["train"]}  # type: ignore[dict-item]  (the base class's "set up" mark)
+        self.datasets = self.shards  # type: ignore[assignment]  (what the base class's loaders are given)
 
-    def _stream(self, split: str, train: bool, batch_size: int) -> ShardStream:
+    def _stream(self, shards: ShardList, train: bool, batch_size: int) -> ShardStream:
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         transform = self.train_transform() if train else self.eval_transform()
-        return ShardStream(self.shards[split], transform, train=train, seed=self.seed, batch_size=batch_size,
-                           world=world, rank=rank, workers=self.num_workers, repeats=self.repeated_aug,
+        return ShardStream(shards, transform, train=train, seed=self.seed, batch_size=batch_size, world=world,
+                           rank=rank, workers=self.num_workers, repeats=self.repeated_aug,
                            shuffle_buffer=self.shuffle_buffer)
 
-    def check_training_batches(self, world_size: int) -> None:
+    def training_samples(self, world_size: int) -> tuple[int, int]:
         self.setup("fit")
         images = self.shards["train"].num_samples
-        per_rank = rank_samples(images, world_size, max(self.repeated_aug, 1))
-        if per_rank < self.batch_size:
-            raise DataError(f"data.batch_size: {self.batch_size} is more than the {per_rank} training samples an epoch "
-                            f"gives each of {world_size} processes ({images} samples in the train shards): no "
-                            f"training batch at all; use data.batch_size <= {per_rank}")
-
-    def _epoch(self) -> int:
-        trainer = self.trainer
-        return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+        return images, rank_samples(images, world_size, max(self.repeated_aug, 1))
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return ShardLoader(self._stream("train", True, self.batch_size), batch_size=self.batch_size, drop_last=True,
-                           progress=self._train_progress, epoch=self._epoch, **self._loader_kwargs())
+        return ShardLoader(self._stream(self.shards["train"], True, self.batch_size), batch_size=self.batch_size,
+                           drop_last=True, progress=self._train_progress, epoch=self.fit_epoch, **self._loader_kwargs())
 
     def _eval_loader(self, dataset: Any) -> DataLoader:
-        raise NotImplementedError  # (the folder DataModule's; shards stream: see val_dataloader)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup("validate")
-        return ShardLoader(self._stream("val", False, self.eval_batch_size), batch_size=self.eval_batch_size,
-                           progress=lambda: (0, 0, 0), epoch=lambda: 0, **self._loader_kwargs())
-
-    def test_dataloader(self) -> DataLoader:
-        self.setup("test")
-        return ShardLoader(self._stream("test", False, self.eval_batch_size), batch_size=self.eval_batch_size,
-                           progress=lambda: (0, 0, 0), epoch=lambda: 0, **self._loader_kwargs())
+        """In order, each rank its contiguous share (the stream splits it: no sampler)."""
+        return self._loader(self._stream(dataset, False, self.eval_batch_size), self.eval_batch_size)
