@@ -65,6 +65,11 @@ def compiled(model: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
     return torch.compile(model, mode=None if mode == "default" else mode)
 
 
+def grid_compile_mode(batch_size: int) -> str:
+    """The grids' compile mode: CUDA graphs for the latency case (batch 1 on a GPU), else inductor's default."""
+    return "reduce-overhead" if batch_size == 1 and torch.cuda.is_available() else "default"
+
+
 def dense_twin(module: Any, device: torch.device) -> torch.nn.Module:
     """A dense student of the module's backbone (random weights: its speed does not depend on them)."""
     from lightning_modules.vit import ViTStudent, create_vit
@@ -334,7 +339,7 @@ def run_compile_grid(markdown: Path, warmup: int, repeats: int, backbone: str = 
             continue
         rows += compare_compiled(module, cfg["method"], batch_sizes, precision=precision, warmup=warmup,
                                  repeats=repeats, dense_cache=cache,
-                                 mode_for=lambda b: "reduce-overhead" if gpu and b == 1 else "default")
+                                 mode_for=grid_compile_mode)
     note = ("eager and `torch.compile`d (inductor, mode default) student and dense model, random weights, timed side "
             "by side; speed-up against the faster of the eager dense model (at its fastest attention path) and the "
             "compiled one.")

@@ -116,7 +116,7 @@ def cpu_entries() -> list[tuple[str, list[Entry]]]:
 
 def run_grid(device: str, clock: Clock, warmup: int, repeats: int) -> tuple[list[dict[str, Any]], list[str]]:
     """The grid until the time box runs out; returns the rows and the entries not measured."""
-    from experiments.benchmark import compare_compiled
+    from experiments.benchmark import compare_compiled, grid_compile_mode
 
     gpu = device == "cuda"
     entries, batches = (gpu_entries(), GPU_BATCHES) if gpu else (cpu_entries(), CPU_BATCHES)
@@ -134,7 +134,7 @@ def run_grid(device: str, clock: Clock, warmup: int, repeats: int) -> tuple[list
                     rows += compare_compiled(module, method, [batch], eager_precision="32", precision="bf16-mixed",
                                              warmup=warmup, repeats=repeats, device=device, avit_depth=depth,
                                              dense_cache=cache,
-                                             mode_for=lambda b: "reduce-overhead" if gpu and b == 1 else "default")
+                                             mode_for=grid_compile_mode if gpu else None)
                 except Exception as error:  # one entry's failure must not cost the rest of the loan
                     print(f"[gpu-check] {label} batch {batch}: {type(error).__name__}: {error}", flush=True)
                     skipped.append(f"{label} batch {batch} (failed: {type(error).__name__}: {str(error)[:200]})")
