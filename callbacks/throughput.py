@@ -162,7 +162,8 @@ class ThroughputCallback(Callback):
     at_validate_end / at_test_end: also at those points. The timed batch is the first validation batch
     (tiled to `batch_size`; fixed across epochs, and real images, which matters for A-ViT whose depth
     depends on the input), or a seeded random batch when there is none. MACs for the MAC ratio are the
-    validation average the module logged (`flops/gmacs`), else those of the timed batch.
+    average the module logged over the images of the stage just run (`val/gmacs`, `test/gmacs`), else those of
+    the timed batch.
     Logs throughput/images_per_sec, throughput/dense_images_per_sec, throughput/speedup, flops/dense_gmacs,
     flops/mac_ratio, throughput/efficiency, throughput/peak_memory_mb, throughput/dense_fused_attn, and a
     W&B table.
@@ -242,7 +243,8 @@ class ThroughputCallback(Callback):
             self.images = torch.randn(self.batch_size, 3, *size, generator=generator)
         images = self.images.to(device)
         precision = str(trainer.precision)
-        logged = trainer.callback_metrics.get("flops/gmacs")
+        stage = "test" if trainer.state.fn == "test" else "val"
+        logged = trainer.callback_metrics.get(f"{stage}/gmacs")  # the average over this stage's images
         if self.dense is None:
             self.dense = dense_baseline(pl_module, images, precision, self.warmup, self.repeats)
         return measure(pl_module, images, self.dense, precision=precision, warmup=self.warmup, repeats=self.repeats,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from datamodules.imagenet import ImageDataModule
@@ -171,6 +172,15 @@ class EmbeddedDataModule(ImageDataModule):
             train = ArrayImageDataset(images[split["train"]], labels[split["train"]], self.train_transform())
         val = ArrayImageDataset(images[split["val"]], labels[split["val"]], self.eval_transform())
         return train, val, val, train.classes
+
+    def foreground(self, images: Tensor) -> Optional[Tensor]:
+        """The canvas sets know their foreground: the digit's ink, every pixel that is not the black canvas.
+        `images (B, 3, H, W)` as the loaders give them (normalised) -> `(B, H, W)` bool; None for the other sets.
+        Validation logs from it how often the kept tokens fall on the digit (`val/keep_on_foreground`)."""
+        if not self.dataset.endswith("_canvas"):
+            return None
+        black = -torch.tensor(self.mean, device=images.device) / torch.tensor(self.std, device=images.device)
+        return (images - black.view(1, 3, 1, 1)).abs().amax(dim=1) > 1e-3  # (B, H, W): any channel off black
 
 
 def export_image_folder(out: str | Path, dataset: EmbeddedName = "digits", val_fraction: float = 0.2,

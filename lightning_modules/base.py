@@ -28,7 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_modules.layers import ReductionAttention
 from lightning_modules.macs import count_macs
 from lightning_modules.schedule import KeepRateSchedule
-from lightning_modules.trace import TokenTrace
+from lightning_modules.trace import TokenTrace, patch_regions, region_keep_counts
 from lightning_modules.vit import ViTStudent, create_teacher, create_vit, load_weights
 
 Distillation = Literal["none", "soft", "hard"]
@@ -53,7 +53,7 @@ class NonFiniteLossError(ArithmeticError):
     """A loss term became NaN or inf; training stopped before it reached the weights."""
 
 
-def default_teacher_weights(backbone: str, teacher: Optional[str], weights: Optional[str],
+def default_teacher_weights(teacher: Optional[str], weights: Optional[str],
                             teacher_weights: Optional[str]) -> Optional[str]:
     """A teacher that is the backbone itself (no `teacher` named) starts from the student's `weights` file unless
     `teacher_weights` says otherwise - as DynamicViT's teacher is its pretrained DeiT."""
@@ -130,6 +130,25 @@ class MeanVector(Metric):
         return self.total / self.count.clamp(min=1)
 
 
+class RegionKeep(Metric):
+    """The share of (patch, block) pairs where a patch keeps its own token, inside a region (the foreground)
+    and outside it, over every image seen (all ranks): `compute()` -> `(2,)` [inside, outside]."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("kept", default=torch.zeros(2, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros(2, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, kept: Tensor, total: Tensor) -> None:
+        self.kept += kept
+        self.total += total
+
+    def compute(self) -> Tensor:
+        return self.kept / self.total.clamp(min=1)
+
+
 class ReductionModule(pl.LightningModule):
     """Shared LightningModule. The constructor's keyword arguments are the YAML `model:` section."""
 
@@ -191,7 +210,7 @@ class ReductionModule(pl.LightningModule):
         self.distill_alpha = distill_alpha
         self.distill_tau = distill_tau
         self.teacher_name = teacher
-        self.teacher_weights = default_teacher_weights(backbone, teacher, weights, teacher_weights)
+        self.teacher_weights = default_teacher_weights(teacher, weights, teacher_weights)
         self.train_mode = train_mode
         self.keep_rate_schedule = check_keep_rate_schedule(type(self), keep_rate_schedule)
         # Built in setup("fit") only: evaluation never needs it (nor its hub weights).
@@ -210,6 +229,7 @@ class ReductionModule(pl.LightningModule):
         self.token_stats: Optional[nn.ModuleDict] = None
         self.gmacs = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
         self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+        self.foreground_keep = nn.ModuleDict({s: RegionKeep() for s in ("val", "test")})
         self.ema_acc1: Optional[nn.ModuleDict] = None
 
     # ------------------------------------------------------------------------------------------ building
@@ -384,8 +404,18 @@ class ReductionModule(pl.LightningModule):
         # a mean over images (not over per-rank batch means), so it equals a single-process evaluation
         self.eval_loss[stage].update(F.cross_entropy(logits, targets), weight=images.shape[0])
         self.eval_trace_hook(stage, trace)
+        foreground = self.foreground_mask(images)
+        if foreground is not None:
+            self.foreground_keep[stage].update(*region_keep_counts(trace, patch_regions(foreground, trace.grid_size)))
         if self.student_ema is not None and self.ema_acc1 is not None:
             self.ema_acc1[stage].update(self.student_ema.module(images), targets)
+
+    def foreground_mask(self, images: Tensor) -> Optional[Tensor]:
+        """`(B, H, W)` bool, the pixels the data set knows to be foreground (the canvas digits: the digit's ink),
+        or None: the DataModule's `foreground(images)` when it has one."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        foreground = getattr(datamodule, "foreground", None)
+        return None if foreground is None else foreground(images)
 
     def eval_trace_hook(self, stage: str, trace: TokenTrace) -> None:
         """Per-batch statistics a method adds from the token trace during validation/test (none here)."""
@@ -402,9 +432,16 @@ class ReductionModule(pl.LightningModule):
         self.log(f"{stage}/acc5", self.acc5[stage].compute() * 100)
         for layer, tokens in enumerate(self.token_stats[stage].compute()):
             self.log(f"tokens/layer_{layer}", tokens.float())
-        self.log("flops/gmacs", self.gmacs[stage].compute())
+        gmacs = self.gmacs[stage].compute()
+        self.log(f"{stage}/gmacs", gmacs)  # this stage's own average (the throughput callback and reports read it)
+        self.log("flops/gmacs", gmacs)  # the contract's key: the stage evaluated last
         self.log(f"{stage}/loss", self.eval_loss[stage].compute())
         metrics = [self.acc1[stage], self.acc5[stage], self.token_stats[stage], self.gmacs[stage], self.eval_loss[stage]]
+        if self.foreground_keep[stage].update_called:  # the data set knows its foreground
+            inside, outside = self.foreground_keep[stage].compute()
+            self.log(f"{stage}/keep_on_foreground", inside.float())
+            self.log(f"{stage}/keep_on_background", outside.float())
+        metrics.append(self.foreground_keep[stage])
         if self.ema_acc1 is not None:
             self.log(f"{stage}/ema_acc1", self.ema_acc1[stage].compute() * 100)
             metrics.append(self.ema_acc1[stage])

@@ -1,4 +1,4 @@
-"""The token trace: which token carries which patch, layer by layer (DESIGN.md, contract 2).
+"""The token trace: which token carries which patch, layer by layer (its contract: the README's Layout section).
 
 Every method reports its reductions through one mechanism: after a reduction, the new position of each
 old token (`dest`, -1 when it left) is composed with the current owner map. Visualisation and MAC
@@ -121,3 +121,37 @@ class TraceRecorder:
         if isinstance(tokens, int):
             return torch.full((batch,), tokens, dtype=torch.long, device=self.owner.device)
         return tokens.to(torch.long).reshape(batch)
+
+
+def kept_alone(owner: Tensor, num_prefix: int) -> Tensor:
+    """Which patches still have a token of their own: `owner (B, N0)` -> `(B, N0)` bool, False where the patch
+    left (pruned, halted) or shares its token with another patch (merged, fused)."""
+    batch, n0 = owner.shape
+    slot = owner.clamp(min=0)  # (B, N0) token position, prefix included; a left patch counts at 0 (masked below)
+    carried = torch.zeros(batch, n0 + num_prefix, dtype=torch.long, device=owner.device)
+    carried.scatter_add_(1, slot, (owner >= 0).long())  # (B, N0 + prefix) patches per token
+    return (owner >= 0) & (carried.gather(1, slot) == 1)
+
+
+def patch_regions(mask: Tensor, grid_size: tuple[int, int]) -> Tensor:
+    """A pixel mask `(B, H, W)` bool -> `(B, N0)` bool per patch (row-major, as the patch tokens): a patch is in
+    the region when any of its pixels is."""
+    batch, height, width = mask.shape
+    rows, cols = grid_size
+    patches = mask.reshape(batch, rows, height // rows, cols, width // cols)  # (B, rows, ph, cols, pw)
+    return patches.any(dim=4).any(dim=2).reshape(batch, rows * cols)
+
+
+def region_keep_counts(trace: TokenTrace, region: Tensor) -> tuple[Tensor, Tensor]:
+    """How much of the blocks' output the patches of a region keep for themselves: `region (B, N0)` bool ->
+    (kept, total) float64 pairs `(2,)` for [inside the region, outside it], counted over every patch and
+    every block's output (`owner[1:]`). kept / total is the fraction of (patch, block) pairs where the patch
+    still has its own token (`kept_alone`): 1 for a dense ViT; where a learned or attention-based keep
+    decision sees the foreground, higher inside it than outside."""
+    inside = region.to(torch.float64)
+    kept = torch.zeros(2, dtype=torch.float64, device=region.device)
+    for owner in trace.owner[1:]:
+        alone = kept_alone(owner, trace.num_prefix_tokens).to(torch.float64)  # (B, N0)
+        kept += torch.stack([(alone * inside).sum(), (alone * (1 - inside)).sum()])
+    per_block = torch.stack([inside.sum(), (1 - inside).sum()])
+    return kept, per_block * trace.depth

@@ -111,7 +111,8 @@ def test_report_on_two_runs(in_tmp: Path) -> None:
     throughput = "callbacks.throughput={batch_size: 8, warmup: 1, repeats: 2}"
     for method, extra in (("dense", []), ("evit", ["model.reduction_layers=[0]"])):
         assert leanvit("fit", QUICKSTART, *FAST, f"method={method}", *extra, "trainer.max_epochs=1",
-                       "trainer.limit_train_batches=4", throughput, f"experiment=report_{method}") == 0
+                       "trainer.limit_train_batches=4", throughput, f"experiment=report_{method}",
+                       "data.dataset=digits_canvas", "data.scale=[1.0,1.0]") == 0  # a data set that knows its foreground
     runs = [str(in_tmp / "runs" / f"report_{m}" / "version_0") for m in ("dense", "evit")]
     assert leanvit("report", *runs, "out=summary") == 0
     out = in_tmp / "summary"
@@ -124,4 +125,7 @@ def test_report_on_two_runs(in_tmp: Path) -> None:
     assert dense_row.split("|")[7].strip() == "-"  # the dense row is the baseline, not a speed-up
     evit_row = next(line for line in table.splitlines() if "report_evit" in line)
     assert "| x" in evit_row  # a speed-up measured beside the dense model
+    assert "kept on foreground | kept on background" in table
+    assert [float(dense_row.split("|")[i]) for i in (9, 10)] == [1.0, 1.0]  # dense keeps every patch
+    assert all(0.0 <= float(evit_row.split("|")[i]) < 1.0 for i in (9, 10))  # EViT fused some at block 0
     assert leanvit("report", str(in_tmp)) == 2  # not a run directory
