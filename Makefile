@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install quickstart test test-slow test-gpu gpu-check benchmark benchmark-compile accuracy clean
+.PHONY: install quickstart test test-slow test-gpu gpu-check benchmark benchmark-compile accuracy ablation clean
 
 install: $(STAMP)
 
@@ -55,6 +55,12 @@ benchmark-compile: $(STAMP)
 # from it with its recipe's structure, the report; rewrites the accuracy section of BENCHMARKS.md (~15 min here).
 accuracy: $(STAMP)
 	$(PY) -m experiments.accuracy --output BENCHMARKS.md
+
+# DynamicViT's recipe ablation on the canvas digits (effective batch, steps, predictor warm-up, policy eps); rewrites
+# its section of BENCHMARKS.md (~45 min here). WEIGHTS=runs/canvas/dense_scratch/<version>/checkpoints/best.ckpt
+# starts from a dense canvas checkpoint that make accuracy trained.
+ablation: $(STAMP)
+	$(PY) -m experiments.ablation $(if $(WEIGHTS),--weights $(WEIGHTS)) --output BENCHMARKS.md
 
 clean:
 	rm -rf runs wandb .pytest_cache

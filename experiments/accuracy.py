@@ -22,11 +22,24 @@ SCRATCH = "canvas/dense_scratch.yaml"
 
 
 def finetunes() -> list[str]:
-    """Every method's canvas recipe (`canvas/<method>.yaml`, the dense one first), in registry order."""
+    """Every method's canvas recipes in registry order (the dense one first): `canvas/<method>.yaml`, then its
+    variants `canvas/<method>_<variant>.yaml` (e.g. DiffRate's rate search)."""
     from experiments.config import EXPERIMENTS_DIR
     from lightning_modules import METHODS
 
-    return [f"canvas/{m}.yaml" for m in METHODS if (EXPERIMENTS_DIR / "canvas" / f"{m}.yaml").is_file()]
+    folder = EXPERIMENTS_DIR / "canvas"
+    configs = []
+    for method in METHODS:
+        paths = [folder / f"{method}.yaml"] + sorted(folder.glob(f"{method}_*.yaml"))
+        configs += [f"canvas/{p.name}" for p in paths if p.is_file() and f"canvas/{p.name}" != SCRATCH]
+    return configs
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, var ** 0.5
 
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -45,20 +58,25 @@ def fit(config: str, runs_dir: Path, version: str, overrides: list[str]) -> Path
     return run_dir
 
 
-def row(run_dir: Path) -> dict[str, Any]:
+def row(run_dirs: list[Path]) -> dict[str, Any]:
+    """One table row from the runs of one recipe (one per seed; the first gives the speed and MACs)."""
     from experiments.report import summarise_run
 
-    summary = summarise_run(run_dir)
-    results = json.loads((run_dir / "results_fit.json").read_text())
-    return {"method": summary.method, "setting": summary.setting or "-", "acc1": results["val/acc1"],
-            "gmacs": results["flops/gmacs"], "mac_ratio": results.get("flops/mac_ratio"),
-            "speedup": results.get("throughput/speedup"), "images_per_sec": results.get("throughput/images_per_sec"),
-            "seconds": results.get("wall_seconds")}
+    summary = summarise_run(run_dirs[0])
+    results = [json.loads((r / "results_fit.json").read_text()) for r in run_dirs]
+    first = results[0]
+    mean, std = spread([r["val/acc1"] for r in results])
+    return {"method": summary.method, "setting": summary.setting or "-", "acc1": mean, "acc1_std": std,
+            "seeds": len(results), "gmacs": first["flops/gmacs"], "mac_ratio": first.get("flops/mac_ratio"),
+            "speedup": first.get("throughput/speedup"), "images_per_sec": first.get("throughput/images_per_sec"),
+            "keep_fg": first.get("val/keep_on_foreground"), "keep_bg": first.get("val/keep_on_background"),
+            "seconds": first.get("wall_seconds"), "recipe": f"canvas/{run_dirs[0].parent.name}.yaml"}
 
 
 def markdown(rows: list[dict[str, Any]], start: dict[str, Any], device: str, command: str) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     dense = next(r for r in rows if r["method"] == "dense")
+    seeded = [r for r in rows if r["seeds"] > 1]
     lines = [
         f"{BEGIN}",
         f"### Accuracy vs speed at small scale ({device}, fp32)",
@@ -67,31 +85,45 @@ def markdown(rows: list[dict[str, Any]], start: dict[str, Any], device: str, com
         "at a random position on the 4 px patch grid of a 32 px black canvas (`data.dataset: mnist_canvas`):",
         "three quarters of the 64 patches are background. Model: the micro ViT (6 blocks, width 64, 2 heads,",
         f"patch 4). The dense model trained from scratch ({SCRATCH}, {start['acc1']:.2f} % val/acc1) is the start",
-        "of every row; each method then fine-tunes 5 epochs with its official recipe's structure scaled down",
-        "(`experiments/canvas/`: EViT and the dense baseline as finetune.sh in eval mode, ToMe and A-ViT as DeiT",
-        "in train mode, DynamicViT as its main.py with fresh predictors, a frozen backbone epoch and the dense",
-        "checkpoint as teacher). Speed-up: img/s beside the dense model in the same run (CPU, batch 256,",
-        "timings +-20 %).",
+        "of every row; each recipe then fine-tunes it with its official recipe's structure scaled down",
+        "(`experiments/canvas/`: EViT and the dense baseline as finetune.sh in eval mode, ToMe, A-ViT and DiffRate at",
+        "fixed counts as DeiT in train mode, PiToMe as main_ic.py, DynamicViT as its main.py with fresh predictors, a",
+        "frozen backbone epoch and the dense checkpoint as teacher, DiffRate's rate search as its README: 3 epochs,",
+        "the backbone frozen, only the rates learn). kept digit / background: the share of (patch, block) pairs",
+        "where a digit (background) patch keeps its own token - not pruned, halted, merged or fused",
+        "(`val/keep_on_foreground` / `val/keep_on_background`). Speed-up: img/s beside the dense model in the same",
+        "run (CPU, batch 256, timings +-20 %).",
         "",
-        "| method | setting | val/acc1 (%) | vs dense (pp) | GMACs | MAC ratio | measured speed-up | fit (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | recipe | setting | val/acc1 (%) | vs dense (pp) | kept digit | kept background | GMACs | MAC ratio | "
+        "measured speed-up | fit (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         delta = r["acc1"] - dense["acc1"]
-        lines.append(f"| {'**dense**' if r['method'] == 'dense' else r['method']} | {r['setting']} | {r['acc1']:.2f} | "
-                     f"{'-' if r is dense else f'{delta:+.2f}'} | {r['gmacs']:.4f} | {fmt(r['mac_ratio'], '.2f')} | "
+        acc = f"{r['acc1']:.2f}" + (f" ± {r['acc1_std']:.2f} ({r['seeds']} seeds)" if r["seeds"] > 1 else "")
+        lines.append(f"| {'**dense**' if r is dense else r['method']} | {r['recipe']} | {r['setting']} | {acc} | "
+                     f"{'-' if r is dense else f'{delta:+.2f}'} | {fmt(r['keep_fg'], '.3f')} | {fmt(r['keep_bg'], '.3f')} | "
+                     f"{r['gmacs']:.4f} | {fmt(r['mac_ratio'], '.2f')} | "
                      f"{'-' if r['speedup'] is None else 'x' + format(r['speedup'], '.2f')} | {fmt(r['seconds'], '.0f')} |")
+    if seeded:
+        widest = max(seeded, key=lambda r: r["acc1_std"])
+        lines += ["", f"Seed spread: {', '.join(r['recipe'] for r in seeded)} ran with {seeded[0]['seeds']} seeds each (the "
+                  "fine-tune's seed: data order, augmentation, drop path, Gumbel noise; the same dense start); mean ± "
+                  f"sample standard deviation. The widest is {widest['acc1_std']:.2f} pp ({widest['recipe']}): "
+                  f"differences between single-seed rows smaller than about {2 * widest['acc1_std']:.1f} pp are noise."]
     lines += ["", "![accuracy vs GMACs](docs/accuracy/accuracy_vs_gmacs.png)",
               "![accuracy vs throughput](docs/accuracy/accuracy_vs_throughput.png)", END]
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
+def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END, heading: str = "## Accuracy") -> None:
+    """Replace the text between the `begin` and `end` markers of `path` by `section` (which carries them), or
+    append it under `heading`."""
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip("\n") + "\n\n## Accuracy\n\n" + section + "\n"
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n" + section + "\n"
     path.write_text(text)
 
 
@@ -104,7 +136,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--docs", default="docs/accuracy", type=Path)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for every fit (e.g. trainer.max_epochs=1 for a smoke run)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the --seed-recipes rows (their spread)")
+    parser.add_argument("--seed-recipes", default="dense,tome,evit",
+                        help="comma-separated recipe names under canvas/ that run with every seed")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds: expected 1 or more, got {args.seeds}")
 
     from callbacks.throughput import device_name
     from experiments.report import write_report
@@ -125,15 +162,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         scratch = fit(SCRATCH, args.runs_dir, args.version, [*QUIET, *args.set])
         weights = scratch / "checkpoints" / "best.ckpt"
         start = {"acc1": json.loads((scratch / "results_fit.json").read_text())["best/val/acc1"]}
-    runs = []
+    seeded = {f"canvas/{name.strip()}.yaml" for name in args.seed_recipes.split(",") if name.strip()}
+    runs: dict[str, list[Path]] = {}
     for config in configs:
         step += 1
-        print(f"make accuracy: [{step}/{total}] {config} from {weights}", flush=True)
-        runs.append(fit(config, args.runs_dir, args.version, [*QUIET, f"model.weights={weights}", *args.set]))
-    rows = [row(r) for r in runs]
+        seeds = range(args.seeds if config in seeded else 1)
+        for seed in seeds:  # seed 0: the recipe's own seed and version; more seeds in versions of their own
+            print(f"make accuracy: [{step}/{total}] {config} from {weights}"
+                  + (f" (seed {seed + 1} of {len(seeds)})" if len(seeds) > 1 else ""), flush=True)
+            extra = [] if seed == 0 else [f"seed={seed}"]
+            version = args.version if seed == 0 else f"{args.version}_seed{seed}"
+            runs.setdefault(config, []).append(
+                fit(config, args.runs_dir, version, [*QUIET, f"model.weights={weights}", *extra, *args.set]))
+    rows = [row(r) for r in runs.values()]
     report = args.runs_dir / "canvas" / f"report_{args.version}"
-    write_report(runs, report)
+    write_report([r[0] for r in runs.values()], report)
     command = "make accuracy" + "".join(f" --set {o}" for o in args.set)
+    if args.seeds != 3 or args.seed_recipes != "dense,tome,evit":
+        command += f" --seeds {args.seeds} --seed-recipes {args.seed_recipes}"
     section = markdown(rows, start, device_name(torch.device("cpu")), command)
     if str(args.output) == "-":
         print(section)

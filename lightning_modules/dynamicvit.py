@@ -68,10 +68,10 @@ class DynamicViTBlock(RopeBlock):
     timm's block unchanged."""
 
     def forward(self, x: Tensor, policy: Optional[Tensor] = None,  # type: ignore[override]
-                rope: Optional[Tensor] = None) -> Tensor:
+                rope: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
         if policy is None:
             return self.dense(x, rope)
-        softmax = partial(policy_softmax, policy=policy)
+        softmax = partial(policy_softmax, policy=policy, eps=eps)
         x = x + self.drop_path1(self.ls1(self.attn.forward_reduce(self.norm1(x), softmax=softmax, rope=rope).x))
         return self.mlp_residual(x)
 
@@ -91,9 +91,11 @@ class DynamicViTStudent(ViTStudent):
 
     added_modules = ("score_predictor",)
 
-    def __init__(self, vit: Any, keep_rate: float = 0.7, reduction_layers: tuple[int, ...] = (3, 6, 9)) -> None:
+    def __init__(self, vit: Any, keep_rate: float = 0.7, reduction_layers: tuple[int, ...] = (3, 6, 9),
+                 policy_eps: float = 1e-6) -> None:
         super().__init__(vit)
         self.keep_rate = keep_rate
+        self.policy_eps = policy_eps
         self.reduction_layers = check_reduction_layers(reduction_layers, len(vit.blocks))
         self.score_predictor = nn.ModuleList(PredictorLG(vit.embed_dim) for _ in self.reduction_layers)
 
@@ -159,7 +161,7 @@ class DynamicViTStudent(ViTStudent):
                     recorder.drop(policy > 0.5)
             if recorder is not None:
                 recorder.block(policy.sum(1))
-            x = self.run_block(block, x, policy, rope=self.layer_rope(rope, layer))
+            x = self.run_block(block, x, policy, rope=self.layer_rope(rope, layer), eps=self.policy_eps)
         return x, decisions
 
     def tokens_out(self, x: Tensor, state: Optional[Tensor]) -> Tensor | int:
@@ -184,7 +186,8 @@ class DynamicViTModule(ReductionModule):
     `backbone_freeze_epochs`, then (`optimizer_recipe: main`, the current repository's `main.py`)
     `backbone_lr_scale x` the scheduled lr, with no weight decay on the predictors' biases and norms, or
     (`neurips`, the NeurIPS 2021 `main_dynamic_vit.py`) `min(backbone_lr_scale x peak lr, scheduled lr)`, with
-    weight decay on every predictor parameter; cls_token and pos_embed frozen.
+    weight decay on every predictor parameter; cls_token and pos_embed frozen. `policy_eps`: the eps of the
+    training forward's policy softmax (official 1e-6; larger keeps some attention on rows whose kept mass is tiny).
     """
 
     static_shapes = True
@@ -203,6 +206,7 @@ class DynamicViTModule(ReductionModule):
         backbone_lr_scale: float = 0.01,
         backbone_freeze_epochs: float = 5.0,
         optimizer_recipe: Literal["main", "neurips"] = "main",
+        policy_eps: float = 1e-6,
         **shared: Any,
     ) -> None:
         super().__init__(**shared)
@@ -219,7 +223,10 @@ class DynamicViTModule(ReductionModule):
         if optimizer_recipe not in ("main", "neurips"):
             raise ValueError(f"model.optimizer_recipe: expected main or neurips, got {optimizer_recipe!r}")
         self.optimizer_recipe = optimizer_recipe
-        self.build_student(DynamicViTStudent, block_fn=DynamicViTBlock, keep_rate=keep_rate, reduction_layers=tuple(reduction_layers))
+        if not policy_eps > 0:
+            raise ValueError(f"model.policy_eps: expected a positive value (official: 1e-6), got {policy_eps!r}")
+        self.build_student(DynamicViTStudent, block_fn=DynamicViTBlock, keep_rate=keep_rate,
+                           reduction_layers=tuple(reduction_layers), policy_eps=policy_eps)
         for frozen in (self.student.vit.cls_token, self.student.vit.pos_embed):
             if frozen is not None:
                 frozen.requires_grad_(False)

@@ -43,20 +43,46 @@ def test_the_benchmarks_section_is_replaced_not_repeated(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_make_accuracy_in_miniature(in_tmp: Path) -> None:
-    from experiments.accuracy import BEGIN, END, main
+    from experiments.accuracy import BEGIN, END, finetunes, main
 
     out = in_tmp / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\nkept text\n")
-    assert main(["--runs-dir", "runs", "--version", "a", "--output", str(out), "--docs", "docs", *SMOKE]) == 0
+    assert main(["--runs-dir", "runs", "--version", "a", "--output", str(out), "--docs", "docs", "--seeds", "2",
+                 "--seed-recipes", "dense", *SMOKE]) == 0
     text = out.read_text()
     assert "kept text" in text and text.count(BEGIN) == 1 and text.count(END) == 1
     table = [line for line in text.splitlines() if line.startswith("| ")][1:]
-    assert sorted(line.split("|")[1].strip().strip("*") for line in table) == sorted(METHODS)
+    assert {line.split("|")[1].strip().strip("*") for line in table} == set(METHODS)  # every registered method
+    assert [line.split("|")[2].strip() for line in table] == finetunes()  # and every recipe, DiffRate's search too
     assert all("| x" in line for line in table)  # a measured speed-up in every row
+    assert "(2 seeds)" in table[0] and "Seed spread" in text
+    assert (in_tmp / "runs" / "canvas" / "dense" / "a_seed1").is_dir()
+    assert all(0.0 <= float(line.split("|")[i]) <= 1.0 for line in table for i in (6, 7))  # kept digit/background
     assert (in_tmp / "docs" / "accuracy_vs_gmacs.png").is_file()
     weights = in_tmp / "runs" / "canvas" / "dense_scratch" / "a" / "checkpoints" / "best.ckpt"
     assert main(["--runs-dir", "runs", "--version", "b", "--weights", str(weights), "--output", str(out),
-                 "--docs", "docs", *SMOKE]) == 0
+                 "--docs", "docs", "--seeds", "1", *SMOKE]) == 0
     assert out.read_text().count(BEGIN) == 1  # replaced, not appended
     assert not (in_tmp / "runs" / "canvas" / "dense_scratch" / "b").exists()
     assert np.isfinite(float(table[0].split("|")[3]))
+
+
+def test_every_registered_method_has_an_accuracy_row() -> None:
+    """`make accuracy` runs `canvas/<method>.yaml` for every entry of METHODS (a new method needs one to register),
+    and the variants of a method after it (DiffRate's rate search)."""
+    from experiments.accuracy import SCRATCH, finetunes
+    from experiments.build import load_checked
+
+    configs = finetunes()
+    assert [c for c in configs if c.count("_") == 0] == [f"canvas/{m}.yaml" for m in METHODS]
+    assert configs.index("canvas/diffrate_search.yaml") == configs.index("canvas/diffrate.yaml") + 1
+    assert SCRATCH not in configs
+    for config in configs:
+        cfg = load_checked(config, [])
+        assert config.removeprefix("canvas/").startswith(cfg["method"]) and cfg["data"]["dataset"] == "mnist_canvas"
+
+
+def test_seed_spread_by_hand() -> None:
+    from experiments.accuracy import spread
+
+    assert spread([1.0, 2.0, 3.0]) == (2.0, 1.0) and spread([5.0]) == (5.0, 0.0)

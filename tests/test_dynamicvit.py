@@ -257,3 +257,24 @@ def test_predictors_start_as_the_official_init() -> None:
         assert 0.015 < float(layer.weight.std()) < 0.025
     keep = predictor(torch.randn(2, 196, 384) * 3, torch.ones(2, 196, 1))[..., 0].exp()
     assert float((keep - 0.5).abs().max()) < 0.01
+
+
+def test_policy_eps_reaches_every_masked_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`policy_eps` (official 1e-6) is the eps of the training forward's policy softmax in every block; a
+    non-positive one is refused naming the key."""
+    import lightning_modules.dynamicvit as dynamicvit
+
+    seen: list[float] = []
+
+    def recording(logits: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        seen.append(eps)
+        return policy_softmax(logits, policy, eps)
+
+    monkeypatch.setattr(dynamicvit, "policy_softmax", recording)
+    for eps in (1e-6, 1e-2):
+        seen.clear()
+        module = micro_module(policy_eps=eps) if eps != 1e-6 else micro_module()
+        module.student.forward_train(torch.randn(2, 3, 32, 32))
+        assert seen == [eps] * module.student.depth
+    with pytest.raises(ValueError, match="model.policy_eps"):
+        micro_module(policy_eps=0.0)
