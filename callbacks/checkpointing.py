@@ -53,11 +53,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             reason = err.strerror or str(err) or type(err).__name__
             raise CheckpointWriteError(f"checkpoint: cannot write {path}: {reason}; the previous checkpoint is "
                                        f"intact") from err
+        except RuntimeError as err:
+            if not is_zip_writer_failure(err):
+                raise
+            # torch's zip writer reports a refused write (a file-size limit, a quota, some network file systems)
+            # as a RuntimeError: "[enforce fail at inline_container.cc:...] unexpected pos ..."
+            reason = str(err).strip().splitlines()[0]
+            raise CheckpointWriteError(f"checkpoint: cannot write {path}: the file system refused the write ({reason}; "
+                                       f"a file-size limit or quota?); the previous checkpoint is intact") from err
         finally:
             try:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
+
+
+def is_zip_writer_failure(err: RuntimeError) -> bool:
+    """A RuntimeError from torch.save's zip writer failing to write (not a pickling error)."""
+    text = str(err)
+    return any(mark in text for mark in ("inline_container", "PytorchStreamWriter", "file write failed"))
 
 
 def at_last_training_batch(trainer: pl.Trainer) -> bool:

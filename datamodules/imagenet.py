@@ -233,7 +233,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        self.setup()
+        """The number of classes the data set has (known once `setup()` has read it)."""
+        if not self.datasets:
+            raise RuntimeError(f"{type(self).__name__}.num_classes: call setup() first (it reads the data set)")
         return len(self.classes)
 
     def setup(self, stage: Optional[str] = None) -> None:

@@ -32,9 +32,8 @@ def build_objects(cfg: dict[str, Any], resuming: bool, command: str) -> tuple[An
 
     model_cfg = dict(cfg.get("model") or {})
     if resuming:  # the checkpoint restores every student weight; do not fetch or read them first
-        backbone = model_cfg.get("backbone", "deit_small_patch16_224")
         model_cfg["teacher_weights"] = default_teacher_weights(  # ... but a teacher may still start from them
-            backbone, model_cfg.get("teacher"), model_cfg.get("weights"), model_cfg.get("teacher_weights"))
+            model_cfg.get("teacher"), model_cfg.get("weights"), model_cfg.get("teacher_weights"))
         model_cfg.update(pretrained=False, weights=None)
     try:
         datamodule = DATAMODULES[cfg.get("datamodule", "embedded")](**(cfg.get("data") or {}))

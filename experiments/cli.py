@@ -32,8 +32,16 @@ def _note_early_signal(signum: int, frame: Any) -> None:
     _EARLY_SIGNALS.append(signum)
 
 
+def launched_rank_zero() -> bool:
+    """This process is rank 0 of its launch, or not launched as one rank of several (torchrun sets RANK and
+    LOCAL_RANK, SLURM SLURM_PROCID, Lightning's launcher LOCAL_RANK and NODE_RANK in the ranks it starts)."""
+    return all(os.environ.get(name, "0") in ("", "0") for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 def _error(message: str) -> int:
-    print(f"leanvit: error: {message}", file=sys.stderr)
+    """Exit status 2 with one line on stderr; every rank of a launch gets the same bad input, rank 0 says it."""
+    if launched_rank_zero():
+        print(f"leanvit: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -430,15 +438,18 @@ def run_checked_command(command: str, cfg: dict[str, Any]) -> int:
             raise ConfigError(str(err)) from err
     created = create_run_dir(run)
     status: Optional[int] = None
+    bad_input = False
     try:
         status = run_in_dir(command, cfg, run, trainer, module, datamodule)
         return status
     except ConfigError:
-        status = 2
+        status, bad_input = 2, True
         raise
     finally:
-        if status != 0 and created:  # a bad input (2) keeps nothing that cannot be resumed; other failures keep logs
-            remove_if_unused(run.dir, Path(cfg.get("runs_dir") or "runs"), keep_progress=status != 2)
+        # a bad input keeps nothing that cannot be resumed; other failures (a checkpoint that could not be written
+        # exits 2 too) keep the logs and progress of what trained
+        if status != 0 and created:
+            remove_if_unused(run.dir, Path(cfg.get("runs_dir") or "runs"), keep_progress=not bad_input)
 
 
 def make_trainer(cfg: dict[str, Any], run: Run, command: str) -> Any:

@@ -68,6 +68,8 @@ def _load_yaml(path: pathlib.Path, origins: dict[str, str], chain: tuple[pathlib
         if not base.is_file():
             raise ConfigError(f"defaults: no such file {str(entry)!r} (set in {_display(path)})")
         merged = OmegaConf.merge(merged, _load_yaml(base, origins, chain + (path,)))
+    if chain:  # `experiment` names a file's own runs: a child that inherited it would write into its parent's runs
+        node.pop("experiment", None)
     plain = OmegaConf.to_container(node, resolve=False)
     for key in _leaf_paths(plain):
         origins[key] = _display(path)

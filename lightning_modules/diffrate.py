@@ -41,8 +41,8 @@ from lightning_modules.vit import ViTStudent, backbone_name
 
 log = logging.getLogger(__name__)
 
-# The official searched rates (OpenGVLab/DiffRate compression_rate.json), shipped beside the experiment YAMLs.
-COMPRESSION_RATES = Path(__file__).resolve().parents[1] / "experiments" / "diffrate_compression_rate.json"
+# The official searched rates (OpenGVLab/DiffRate compression_rate.json), package data beside this module.
+COMPRESSION_RATES = Path(__file__).resolve().parent / "diffrate_compression_rate.json"
 RATE_KEYS = {  # timm backbone (tag dropped) -> the official file's model key
     "deit_tiny_patch16_224": "ViT-T-DeiT", "deit_small_patch16_224": "ViT-S-DeiT",
     "deit_base_patch16_224": "ViT-B-DeiT", "vit_base_patch16_224.mae": "ViT-B-MAE",

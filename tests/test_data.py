@@ -185,3 +185,18 @@ def test_augmentation_depends_on_epoch_and_index_not_on_workers() -> None:
     for a, b in zip(main_process, workers):
         assert torch.equal(a, b)
     assert not torch.equal(batches(0, epoch=2)[0], main_process[0])
+
+
+def test_num_classes_reads_no_data_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asking for the class count never scans the data behind the caller's back: before `setup()` it says so."""
+    dm = EmbeddedDataModule()
+
+    def scanned() -> None:
+        raise AssertionError("num_classes read the data set")
+
+    monkeypatch.setattr(dm, "build_splits", scanned)
+    with pytest.raises(RuntimeError, match=r"setup\(\)"):
+        _ = dm.num_classes
+    monkeypatch.undo()
+    dm.setup()
+    assert dm.num_classes == 10

@@ -160,7 +160,7 @@ def test_distilled_deit_trains_with_a_teacher(in_tmp: Path) -> None:
 
 def adjust_keep_rate(iters: int, epoch: int, warmup_epochs: int, total_epochs: int, iters_per_epoch: int,
                      base_keep_rate: float) -> float:
-    """EViT's helpers.adjust_keep_rate, as METHODS.md states it."""
+    """EViT's helpers.adjust_keep_rate, as the official code computes it."""
     if epoch < warmup_epochs:
         return 1.0
     if epoch >= total_epochs:

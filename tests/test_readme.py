@@ -56,3 +56,36 @@ def test_readme_command_is_valid(args: list[str], capsys: pytest.CaptureFixture[
     if args[0] == "benchmark":
         if "device=cuda" not in overrides:
             check_benchmark_options(cfg)
+
+
+def test_the_layout_names_every_module() -> None:
+    """README's Layout section is the map: every module of the four packages is named there."""
+    text = (REPO / "README.md").read_text()
+    layout = text[text.index("## Layout"):].split("```")[1]
+    modules = [p for pkg in ("lightning_modules", "datamodules", "callbacks", "experiments")
+               for p in sorted((REPO / pkg).glob("*.py")) if p.name != "__init__.py"]
+    missing = [f"{p.parent.name}/{p.name}" for p in modules if p.name not in layout]
+    assert not missing, f"README's Layout does not name {missing}"
+    assert "diffrate_compression_rate.json" in layout
+
+
+def test_the_repository_cites_nothing_outside_itself() -> None:
+    """A user who clones leanvit has only the repository: no file may point at design notes that live beside it."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    outside = re.compile(r"DESIGN\.md|METHODS\.md|ENVIRONMENT\.md|\.\./shared")
+    citing = [f for f in files if (REPO / f).is_file() and f != "tests/test_readme.py"
+              and outside.search((REPO / f).read_text(errors="ignore"))]
+    assert not citing, f"{citing} cite files outside the repository"
+
+
+def test_base_pieces_inherit_only_from_base_pieces() -> None:
+    """`_base/` holds the pieces experiments are built from; a piece inheriting from an experiment would change
+    whenever that experiment does."""
+    import yaml
+
+    base = REPO / "experiments" / "_base"
+    for piece in sorted(base.glob("*.yaml")):
+        for parent in yaml.safe_load(piece.read_text()).get("defaults") or []:
+            assert (piece.parent / parent).resolve().parent == base, f"{piece.name} inherits from {parent}"
