@@ -47,11 +47,16 @@ BEGIN, END = "<!-- accuracy -->", "<!-- end accuracy -->"
 
 
 def fit(config: str, runs_dir: Path, version: str, overrides: list[str]) -> Path:
-    """`leanvit fit` in this process; returns the run directory. A failure (an existing version included: the CLI
-    refuses it) has printed its line; this exits with its status."""
+    """`leanvit fit` in this process; returns the run directory. A run of this version that finished (its
+    results_fit.json written) is reused, so an interrupted `make accuracy --version V` continues where it stopped.
+    A failure (an unfinished run of this version included: the CLI refuses it) has printed its line; this exits
+    with its status."""
     from experiments.cli import experiment_name, load_checked, main
 
     run_dir = runs_dir / experiment_name(load_checked(config, [])) / version
+    if (run_dir / "results_fit.json").is_file():
+        print(f"reusing {run_dir} (finished)", flush=True)
+        return run_dir
     status = main(["fit", config, f"runs_dir={runs_dir}", f"version={version}", *overrides])
     if status != 0:
         raise SystemExit(status)

@@ -64,7 +64,13 @@ def test_make_accuracy_in_miniature(in_tmp: Path) -> None:
                  "--docs", "docs", "--seeds", "1", *SMOKE]) == 0
     assert out.read_text().count(BEGIN) == 1  # replaced, not appended
     assert not (in_tmp / "runs" / "canvas" / "dense_scratch" / "b").exists()
-    assert np.isfinite(float(table[0].split("|")[3]))
+    assert np.isfinite(float(table[0].split("|")[4].split()[0]))
+    # the same version again: every finished run is reused (an interrupted make accuracy continues), none refit
+    finished = in_tmp / "runs" / "canvas" / "tome" / "b" / "results_fit.json"
+    stamp = finished.stat().st_mtime_ns
+    assert main(["--runs-dir", "runs", "--version", "b", "--weights", str(weights), "--output", str(out),
+                 "--docs", "docs", "--seeds", "1", *SMOKE]) == 0
+    assert finished.stat().st_mtime_ns == stamp
 
 
 def test_every_registered_method_has_an_accuracy_row() -> None:
