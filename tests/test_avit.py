@@ -9,11 +9,9 @@ import pytest
 import timm
 import torch
 
-from conftest import FAST, QUICKSTART, leanvit
+from helpers import FAST, QUICKSTART, VARIANTS, column, leanvit, metrics
 from lightning_modules import METHODS
 from lightning_modules.avit import act_step, average_depth, depth_prior_kl, gaussian_depth_prior, halting_score
-from test_dense import VARIANTS
-from test_training import column, metrics
 
 
 def micro(**kwargs: object) -> torch.nn.Module:
@@ -166,7 +164,7 @@ def test_packed_inference_syncs_with_the_host_at_most_twice_per_block() -> None:
     """On a GPU every value the host reads (a boolean mask index, `.item()`, bincount's size) stalls the stream.
     Packing needs the number of active tokens and the padded length each block: one `nonzero` and one read of
     three sizes; everything else stays on the device. (It used to be about nine per block.)"""
-    from conftest import HostSyncCounter
+    from helpers import HostSyncCounter
 
     module = micro(gate_center=2.0)
     images = torch.randn(4, 3, 32, 32)

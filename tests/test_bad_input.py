@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, QUICKSTART, REPO, leanvit, leanvit_subprocess
+from helpers import FAST, QUICKSTART, REPO, leanvit, leanvit_subprocess
 
 BASE = REPO / "experiments" / "_base" / "default.yaml"
 RUN = Path("runs") / "digits" / "dense" / "version_0"  # the earlier run every case must leave as it was

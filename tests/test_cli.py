@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from conftest import FAST, QUICKSTART, REPO, leanvit
+from helpers import FAST, QUICKSTART, REPO, leanvit
 
 
 def test_experiment_is_not_inherited_through_defaults(tmp_path: Path) -> None:

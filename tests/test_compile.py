@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QUICKSTART, leanvit
+from helpers import FAMILIES, QUICKSTART, build, leanvit, refuses
 from lightning_modules import METHODS
-from test_families import FAMILIES, build, refuses
 
 STATIC = [name for name, cls in METHODS.items() if cls.static_shapes]
 

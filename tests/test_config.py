@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import leanvit
+from helpers import leanvit
 from experiments.config import ConfigError, check_config, load_config, to_plain, type_matches
 
 

@@ -19,7 +19,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import REPO, assert_fused_matches_explicit, assert_trace_invariants
+from helpers import REPO, assert_fused_matches_explicit, assert_trace_invariants
 from datamodules import EmbeddedDataModule
 from lightning_modules import METHODS, method_name
 from lightning_modules.macs import count_macs

@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 
-from conftest import FAST, QUICKSTART, REPO, check_success, leanvit, leanvit_subprocess
+from helpers import FAST, QUICKSTART, REPO, check_success, leanvit, leanvit_subprocess
 
 EPOCHS, BATCHES, BATCH = 2, 4, 16
 COMMON = [*FAST, f"trainer.max_epochs={EPOCHS}", f"trainer.limit_train_batches={BATCHES}", "trainer.accelerator=cpu",

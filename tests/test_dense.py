@@ -4,19 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import micro_vit
+from helpers import VARIANTS, micro_vit
 from lightning_modules import METHODS
 from lightning_modules.trace import remap_owner
 from lightning_modules.vit import ViTStudent
-
-VARIANTS = {
-    "plain": {},
-    "layerscale_no_embed_class": {"init_values": 1e-2, "no_embed_class": True},  # deit3-style
-    "qk_norm": {"qk_norm": True},
-    "registers": {"reg_tokens": 4},
-    "avg_pool_no_class_token": {"class_token": False, "global_pool": "avg", "fc_norm": True},
-}
-
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_dense_student_equals_timm(variant: str) -> None:

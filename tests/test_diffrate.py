@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from conftest import micro_vit
+from helpers import micro_vit
 from datamodules import EmbeddedDataModule
 from lightning_modules import METHODS
 from lightning_modules.diffrate import RateProxy, available_rates, check_counts, official_macs, official_rates

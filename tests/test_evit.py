@@ -9,12 +9,10 @@ import pytest
 import timm
 import torch
 
-from conftest import FAST, QUICKSTART, assert_fused_matches_explicit, leanvit, micro_vit
+from helpers import FAST, QUICKSTART, VARIANTS, assert_fused_matches_explicit, column, leanvit, metrics, micro_vit
 from lightning_modules import METHODS
 from lightning_modules.evit import EViTBlock, EViTStudent, keep_attentive, kept_tokens
 from lightning_modules.layers import ReductionAttention, class_attention
-from test_dense import VARIANTS
-from test_training import column, metrics
 
 CLS_VARIANTS = {k: v for k, v in VARIANTS.items() if v.get("class_token", True)}
 

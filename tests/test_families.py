@@ -22,51 +22,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import lightning_modules.layers
-from conftest import assert_fused_matches_explicit, assert_trace_invariants
+from helpers import (FAMILIES, MICRO, ROPE, assert_fused_matches_explicit, assert_trace_invariants, build, reference,
+                     refuses)
 from lightning_modules import METHODS, method_name
 from lightning_modules.macs import count_macs
 from lightning_modules.ops import mean_rope
-
-MICRO = {"patch_size": 4, "embed_dim": 64, "num_heads": 2, "depth": 3}
-FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
-    "DeiT": ("deit_tiny_patch16_224", {}),
-    "DeiT III": ("deit3_small_patch16_224", {}),  # LayerScale, position embedding without the class token
-    "AugReg": ("vit_tiny_patch16_224.augreg_in21k", {}),
-    "CLIP": ("vit_base_patch16_clip_224", {}),  # pre-norm, quick GELU-free OpenCLIP layout
-    "SigLIP": ("vit_base_patch16_siglip_224", {}),  # no class token, MAP head
-    "DINOv2 + registers": ("vit_small_patch14_reg4_dinov2", {}),  # 4 registers, LayerScale
-    "MAE": ("vit_base_patch16_224.mae", {"global_pool": "avg"}),  # MAE fine-tuning's average pooling
-    "EVA-02": ("eva02_tiny_patch14_224", {}),  # Eva: RoPE, SwiGLU, separate q/k/v
-    "DINOv3": ("vit_small_patch16_dinov3", {}),  # Eva: RoPE (DINOv3's), 4 registers, LayerScale, no abs. pos.
-    "PE-core": ("vit_pe_core_tiny_patch16_384", {}),  # Eva: RoPE, AttentionRope, pre-norm, MAP head
-    "RoPE-ViT mixed": ("vit_small_patch16_rope_mixed_224", {}),  # Eva: a learned RoPE table per block
-    # Eva's other options: qk-norm, sub-LN in the attention and the MLP, no class token (average pooling)
-    "EVA-02 qk-norm, no class token": ("eva02_tiny_patch14_224", {"qk_norm": True, "scale_attn_inner": True,
-                                                                  "scale_mlp": True, "class_token": False}),
-}
-ROPE = [f for f, (name, _) in FAMILIES.items() if name.split("_")[0] in ("eva02",) or "dinov3" in name
-        or "_pe_" in name or "rope" in name]
-
-
-def kwargs_of(family: str) -> dict[str, Any]:
-    return MICRO | FAMILIES[family][1]
-
-
-def reference(family: str) -> torch.nn.Module:
-    name = FAMILIES[family][0]
-    return timm.create_model(name, num_classes=10, img_size=32, **kwargs_of(family)).eval()
-
-
-def build(method: str, family: str, **settings: Any) -> Any:
-    torch.manual_seed(0)
-    kwargs = dict(METHODS[method].demo_settings) | settings
-    return METHODS[method](backbone=FAMILIES[family][0], num_classes=10, img_size=32,
-                           backbone_kwargs=kwargs_of(family), **kwargs).eval()
-
-
-def refuses(method: str, family: str) -> bool:
-    return METHODS[method].needs_class_token and getattr(reference(family), "cls_token", None) is None
-
 
 def test_the_rope_families_are_the_eva_ones() -> None:
     assert ROPE == ["EVA-02", "DINOv3", "PE-core", "RoPE-ViT mixed", "EVA-02 qk-norm, no class token"]

@@ -17,9 +17,8 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import HostSyncCounter
+from helpers import build, HostSyncCounter
 from lightning_modules import METHODS
-from test_families import build
 
 pytestmark = pytest.mark.gpu
 STATIC = [name for name, cls in METHODS.items() if cls.static_shapes]

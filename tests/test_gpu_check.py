@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, check_success, subprocess_env
+from helpers import REPO, check_success, subprocess_env
 from experiments import gpu_check
 from lightning_modules import METHODS
 

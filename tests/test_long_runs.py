@@ -16,26 +16,8 @@ import pytest
 import torch
 
 from callbacks.checkpointing import AtomicCheckpointIO, NonFiniteCheckpointError
-from conftest import FAST, QUICKSTART, check_success, leanvit, leanvit_subprocess, subprocess_env
-
-STEPS_PER_EPOCH = 1280 // 32  # repeated augmentation x3 keeps DeiT's epoch length: 1,438 // 256 * 256 images
-# Every random draw (mixup/cutmix, drop path, RandAugment, random erasing, repeated augmentation copies, EMA) and
-# loader workers, with a last.ckpt every 5 optimiser steps.
-RANDOM = [*FAST, "trainer.max_epochs=2", "model.mixup=0.8", "model.cutmix=1.0", "model.drop_path_rate=0.1",
-          "model.ema_decay=0.9", "data.auto_augment=rand-m9-mstd0.5-inc1", "data.re_prob=0.25", "data.repeated_aug=3",
-          "data.num_workers=1", "data.persistent_workers=true", "checkpoint.every_n_train_steps=5"]
-DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys() and any(k.startswith("student_ema.") for k in a)
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-
+from helpers import (DDP, FAST, QUICKSTART, RANDOM, STEPS_PER_EPOCH, assert_same_weights, check_success, leanvit,
+                     leanvit_subprocess, subprocess_env, weights)
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

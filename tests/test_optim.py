@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, QUICKSTART, leanvit
+from helpers import FAST, QUICKSTART, column, leanvit, metrics
 from lightning_modules import METHODS
-from test_training import column, metrics
 
 
 def test_no_weight_decay_on_norms_biases_pos_embed_and_tokens() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import micro_vit
+from helpers import micro_vit
 from lightning_modules import METHODS
 from lightning_modules.pitome import energy_matching, margins, merge_count
 

@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 COMMANDS = ("fit", "validate", "test", "config", "benchmark", "visualize", "report", "export-data", "shard")
 

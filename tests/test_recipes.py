@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, leanvit
+from helpers import REPO, leanvit
 from experiments.cli import load_checked
 from experiments.config import EXPERIMENTS_DIR
 from experiments.recipes import COLUMNS, OFFICIAL_COLUMNS, effective, experiment_yamls, recipe_cells

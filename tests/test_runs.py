@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, QUICKSTART, REPO, check_success, leanvit_subprocess, subprocess_env
+from helpers import FAST, QUICKSTART, REPO, check_success, leanvit_subprocess, subprocess_env
 
 # Everything that draws random numbers: mixup/cutmix, DropPath, RandAugment, random erasing, EMA.
 RANDOM = ["trainer.max_epochs=3", "model.mixup=0.8", "model.cutmix=1.0", "model.drop_path_rate=0.1",

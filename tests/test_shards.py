@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, check_success, leanvit, leanvit_subprocess
+from helpers import FAST, check_success, leanvit, leanvit_subprocess
 from datamodules.embedded import load_embedded, split_indices
-from datamodules.shards import ShardList, ShardStream, eval_plan, read_info, resolve_split, train_plan
+from datamodules.shards import ShardStream, eval_plan, read_info, resolve_split, train_plan
 
 WDS = "digits/dense_wds.yaml"
 
@@ -203,7 +203,7 @@ def test_preempted_mid_epoch_on_shards_resumes_exactly(mode: str, shards: Path, 
     import sys
     import time
 
-    from conftest import subprocess_env
+    from helpers import subprocess_env
     from test_long_runs import assert_same_weights, weights
 
     args = [*FAST, f"data.root={shards}", "trainer.max_epochs=2", "model.mixup=0.8", "model.cutmix=1.0",

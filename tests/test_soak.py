@@ -10,14 +10,13 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import QUICKSTART, check_success, leanvit_subprocess, subprocess_env
-from test_long_runs import RANDOM, STEPS_PER_EPOCH, assert_same_weights, weights
+from helpers import (QUICKSTART, RANDOM, STEPS_PER_EPOCH, assert_same_weights, check_success, leanvit_subprocess,
+                     subprocess_env, weights)
 
 INTERVAL, EPOCHS = 4, 4
 SOAK = [*RANDOM, f"trainer.max_epochs={EPOCHS}", f"checkpoint.every_n_train_steps={INTERVAL}",

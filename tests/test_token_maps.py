@@ -11,7 +11,7 @@ from PIL import Image
 
 from callbacks.token_maps import (GREY, GROUP_ALPHA, GROUP_COLOURS, changing_layers, save_figures, token_map,
                                   token_map_figure)
-from conftest import FAST, QUICKSTART, leanvit
+from helpers import FAST, QUICKSTART, leanvit
 from datamodules import export_image_folder
 from lightning_modules import METHODS
 

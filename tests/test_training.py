@@ -2,7 +2,6 @@
 keeps its teacher frozen and out of checkpoints."""
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -11,19 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import FAST, QUICKSTART, leanvit
-
-
-def metrics(run_dir: Path) -> list[dict[str, str]]:
-    rows: list[dict[str, str]] = []
-    for path in sorted(run_dir.glob("logs/version_*/metrics.csv")):
-        with open(path) as f:
-            rows += list(csv.DictReader(f))
-    return rows
-
-
-def column(rows: list[dict[str, str]], key: str) -> list[float]:
-    return [float(r[key]) for r in rows if r.get(key)]
+from helpers import FAST, QUICKSTART, column, leanvit, metrics
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import micro_vit
+from helpers import micro_vit
 from lightning_modules import METHODS
 from lightning_modules.vit import ViTStudent, create_teacher, load_weights, read_checkpoint
 
