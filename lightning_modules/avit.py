@@ -366,7 +366,15 @@ class AViTModule(ReductionModule):
     def eval_trace_hook(self, stage: str, trace: TokenTrace) -> None:
         self.depth_stats[stage].update(average_depth(trace))
 
-    def _log_eval_epoch(self, stage: str) -> None:
+    def on_validation_epoch_end(self) -> None:
+        self.log_depth("val")
+        super().on_validation_epoch_end()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_depth("test")
+        super().on_test_epoch_end()
+
+    def log_depth(self, stage: str) -> None:
+        """`<stage>/avg_depth`: the blocks a token runs, on average over the images of the epoch."""
         self.log(f"{stage}/avg_depth", self.depth_stats[stage].compute())
         self.depth_stats[stage].reset()
-        super()._log_eval_epoch(stage)

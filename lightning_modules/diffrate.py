@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from lightning_modules.base import ReductionModule
 from lightning_modules.layers import ReductionBlock
 from lightning_modules.macs import linear_macs
-from lightning_modules.ops import GatherMerge, policy_softmax
+from lightning_modules.ops import GatherMerge, policy_softmax, size_bias
 from lightning_modules.trace import TokenTrace
 from lightning_modules.vit import ViTStudent, backbone_name
 
@@ -195,7 +195,7 @@ class DiffRateBlock(ReductionBlock):
         n = x.shape[1] - p
         prune = n if setting is None else min(setting[0], n)
         merge = min(prune if setting is None else setting[1], prune)
-        bias = None if size is None else size.log()[:, None, None, :, 0].to(x.dtype)  # (B, 1, 1, N)
+        bias = size_bias(size, x.dtype)  # (B, 1, 1, N), proportional attention in every block
         attn = self.attn.forward_reduce(self.norm1(x), bias, cls_attn=merge < n, rope=rope)
         x = x + self.drop_path1(self.ls1(attn.x))
         if merge == n:  # nothing leaves this block
@@ -213,8 +213,7 @@ class DiffRateBlock(ReductionBlock):
         masked (policy softmax) with straight-through gradients to the proxies. x: (B, N, C), size: (B, N, 1),
         mask: (B, N) -> x, size, mask, and the expected prune and merge patch counts."""
         p, c = self.num_prefix, x.shape[2]
-        bias = size.log()[:, None, None, :, 0].to(x.dtype)
-        attn = self.attn.forward_reduce(self.norm1(x), bias, cls_attn=True, softmax=partial(policy_softmax, policy=mask))
+        attn = self.attn.forward_reduce(self.norm1(x), size_bias(size, x.dtype), cls_attn=True, softmax=partial(policy_softmax, policy=mask))
         x = x + self.drop_path1(self.ls1(attn.x))
         order = torch.sort(attn.cls_attn[:, p:], dim=1, descending=True).indices + p
         order = torch.cat([torch.arange(p, device=x.device).expand(x.shape[0], -1), order], dim=1)  # (B, N)

@@ -148,6 +148,12 @@ def merge_wavg(merge: Merge | GatherMerge, x: Tensor, size: Optional[Tensor]) ->
     return x / size, size
 
 
+def size_bias(size: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """Proportional attention (ToMe): a token that carries `size` patches counts `size` times as a key, by adding
+    `log(size)` to every query's logits towards it. size: (B, N, 1) or None (all 1) -> (B, 1, 1, N) or None."""
+    return None if size is None else size.log()[:, None, None, :, 0].to(dtype)
+
+
 def policy_softmax(logits: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
     """DynamicViT's masked softmax, in float32. logits: (B, H, N, N), policy: (B, N) keep mask ->
     `A_ij = (exp(a_ij - max_i) G_ij + eps/N) / (sum_j exp(a_ij - max_i) G_ij + eps)` with

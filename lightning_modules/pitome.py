@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lightning_modules.base import ReductionModule
 from lightning_modules.layers import ReductionBlock
-from lightning_modules.ops import GatherMerge, merge_wavg
+from lightning_modules.ops import GatherMerge, merge_wavg, size_bias
 from lightning_modules.trace import TokenTrace
 from lightning_modules.vit import ViTStudent
 
@@ -89,9 +89,7 @@ class PiToMeBlock(ReductionBlock):
                 record: bool = False, rope: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         if ratio is None or merge_count(x.shape[1] - self.num_prefix, ratio) <= 0:
             return self.dense(x, rope), size, None  # (the official code re-orders the tokens here and merges nothing)
-        bias = None
-        if self.prop_attn and size is not None:
-            bias = size.log()[:, None, None, :, 0].to(x.dtype)  # (B, 1, 1, N): towards each key j
+        bias = size_bias(size, x.dtype) if self.prop_attn else None  # (B, 1, 1, N): towards each key j
         attn = self.attn.forward_reduce(self.norm1(x), bias, keys=True, rope=rope)
         x = x + self.drop_path1(self.ls1(attn.x))
         merge = energy_matching(attn.keys, ratio, self.margin, self.num_prefix, self.bipartite)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lightning_modules.base import ReductionModule
 from lightning_modules.layers import ReductionBlock
-from lightning_modules.ops import Merge, bipartite_soft_matching, merge_wavg  # noqa: F401  (Merge: re-exported)
+from lightning_modules.ops import Merge, bipartite_soft_matching, merge_wavg, size_bias  # noqa: F401  (Merge: re-exported)
 from lightning_modules.trace import TokenTrace
 from lightning_modules.vit import ViTStudent
 
@@ -78,9 +78,7 @@ class ToMeBlock(ReductionBlock):
 
     def forward(self, x: Tensor, size: Optional[Tensor] = None, r: Optional[int] = None,  # type: ignore[override]
                 record: bool = False, rope: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-        bias = None
-        if self.prop_attn and size is not None:
-            bias = size.log()[:, None, None, :, 0].to(x.dtype)  # (B, 1, 1, N): towards each key j
+        bias = size_bias(size, x.dtype) if self.prop_attn else None  # (B, 1, 1, N): towards each key j
         attn = self.attn.forward_reduce(self.norm1(x), bias, keys=True, rope=rope)  # keys as attention sees them
         x = x + self.drop_path1(self.ls1(attn.x))
         dest = None
