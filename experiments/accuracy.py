@@ -51,7 +51,9 @@ def fit(config: str, runs_dir: Path, version: str, overrides: list[str]) -> Path
     results_fit.json written) is reused, so an interrupted `make accuracy --version V` continues where it stopped.
     A failure (an unfinished run of this version included: the CLI refuses it) has printed its line; this exits
     with its status."""
-    from experiments.cli import experiment_name, load_checked, main
+    from experiments.build import load_checked
+    from experiments.cli import main
+    from experiments.rundirs import experiment_name
 
     run_dir = runs_dir / experiment_name(load_checked(config, [])) / version
     if (run_dir / "results_fit.json").is_file():

@@ -14,7 +14,7 @@ def test_experiment_is_not_inherited_through_defaults(tmp_path: Path) -> None:
     """A child of a YAML that names its `experiment` runs under its own name, never in the parent's run folder
     (where `resume=last` would then pick the parent's checkpoint)."""
     from experiments.build import load_checked
-    from experiments.cli import experiment_name
+    from experiments.rundirs import experiment_name
 
     quickstart = REPO / "experiments" / "quickstart" / "dense.yaml"
     (tmp_path / "child.yaml").write_text(f"defaults: [{quickstart}]\nmodel:\n  lr: 2.0e-3\n")

@@ -131,7 +131,7 @@ def test_every_shipped_experiment_is_valid() -> None:
 def test_null_removes_a_key_an_inherited_yaml_set(tmp_path: Path) -> None:
     """digits/dense.yaml sets data.dataset (the embedded set's key); a YAML switching to the folder DataModule
     removes it with `dataset: null`, while a real value for a key the class does not take stays an error."""
-    from experiments.cli import load_checked
+    from experiments.build import load_checked
 
     cfg = load_checked("digits/folder.yaml", [])
     assert cfg["datamodule"] == "imagenet" and "dataset" not in cfg["data"]

@@ -39,7 +39,9 @@ def test_the_readme_has_the_commands_a_newcomer_runs() -> None:
 @pytest.mark.parametrize("args", readme_commands(), ids=lambda a: " ".join(a)[:80])
 def test_readme_command_is_valid(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     from experiments.benchmark import BENCHMARK_KEYS, check_benchmark_options
-    from experiments.cli import VISUALIZE_KEYS, load_checked, main
+    from experiments.build import load_checked
+    from experiments.cli import main
+    from experiments.commands import VISUALIZE_KEYS
 
     if args[0] in ("--help", "-h") or args[1:2] == ["--help"]:
         with pytest.raises(SystemExit) as done:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, leanvit
-from experiments.cli import load_checked
+from experiments.build import load_checked
 from experiments.config import EXPERIMENTS_DIR
 from experiments.recipes import COLUMNS, OFFICIAL_COLUMNS, effective, experiment_yamls, recipe_cells
 
