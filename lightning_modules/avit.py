@@ -23,7 +23,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lightning_modules.base import ReductionModule
-from lightning_modules.layers import ReductionAttention, RopeBlock
+from lightning_modules.layers import ReductionAttention, SplitBlock
 from lightning_modules.ops import identity_rope
 from lightning_modules.trace import TokenTrace, TraceRecorder
 from lightning_modules.vit import ViTStudent
@@ -133,7 +133,7 @@ def attend_packed(attn: ReductionAttention, x: Tensor, layout: PackedLayout, rop
     return attn.project(x, out)
 
 
-class AViTBlock(RopeBlock):
+class AViTBlock(SplitBlock):
     """timm's Block with A-ViT's masking (official, training) and a packed varlen path (inference)."""
 
     def forward(self, x: Tensor, halted: Optional[Tensor] = None,  # type: ignore[override]

@@ -19,7 +19,7 @@ from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from lightning_modules.base import ReductionModule, check_keep_rate, check_reduction_layers
-from lightning_modules.layers import RopeBlock
+from lightning_modules.layers import SplitBlock
 from lightning_modules.ops import keep_topk, policy_softmax
 from lightning_modules.trace import TokenTrace, TraceRecorder
 from lightning_modules.vit import ViTStudent
@@ -63,7 +63,7 @@ class PredictorLG(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ layers
-class DynamicViTBlock(RopeBlock):
+class DynamicViTBlock(SplitBlock):
     """timm's Block whose attention takes a keep `policy (B, N)` through the policy softmax (training); None:
     timm's block unchanged."""
 

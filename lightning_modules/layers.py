@@ -150,8 +150,9 @@ def _bool_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, -math.inf)
 
 
-class RopeBlock(Block):
-    """timm's Block with the dense block and the MLP residual as methods a reduction can call, taking RoPE."""
+class SplitBlock(Block):
+    """timm's Block split into the pieces a reduction calls: the whole dense block (`dense`, taking RoPE) and the MLP
+    residual (`mlp_residual`), for a method that changes what happens between them."""
 
     def dense(self, x: Tensor, rope: Optional[Tensor] = None) -> Tensor:
         """The unchanged timm block (a ViT with RoPE is an Eva: see `EvaBlockOps`)."""
@@ -162,7 +163,7 @@ class RopeBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class ReductionBlock(RopeBlock):
+class ReductionBlock(SplitBlock):
     """timm's Block for a method that reduces tokens inside blocks. Subclasses implement `forward`:
 
     `forward(x, state, setting, record, rope) -> (x, state, dest)`: `state` is what the method carries from block to
