@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install quickstart test test-slow test-gpu gpu-check benchmark benchmark-compile accuracy ablation clean
+.PHONY: install quickstart lint test test-slow test-gpu gpu-check benchmark benchmark-compile accuracy ablation clean
 
 install: $(STAMP)
 
@@ -23,8 +23,12 @@ $(STAMP): setup.cfg pyproject.toml
 quickstart: $(STAMP)
 	$(PY) -m experiments.run_quickstart
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q -m "not slow" --durations=15
+
+# ruff (pyproject.toml): pyflakes, pycodestyle errors and warnings, import order
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow --durations=15

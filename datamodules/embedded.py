@@ -20,9 +20,9 @@ from typing import Any, Callable, Literal, Optional
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision import transforms
 
 from datamodules.imagenet import ImageDataModule
 

@@ -14,7 +14,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image

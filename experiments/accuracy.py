@@ -150,10 +150,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.seeds < 1:
         parser.error(f"--seeds: expected 1 or more, got {args.seeds}")
 
+    import torch
+
     from callbacks.throughput import device_name
     from experiments.report import write_report
-
-    import torch
 
     configs = finetunes()
     total = len(configs) + (0 if args.weights else 1)

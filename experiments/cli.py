@@ -124,8 +124,14 @@ def run_command(args: argparse.Namespace) -> int:
     """Dispatch to the command; an exception of EXIT_STATUS's types -> its status and one line."""
     # imported here, not at the top: they load torch, Lightning and timm (see the module docstring)
     from experiments.benchmark import benchmark_command
-    from experiments.commands import (config_command, export_data, report_command, run_trainer_command,
-                                      shard_command, visualize_command)
+    from experiments.commands import (
+        config_command,
+        export_data,
+        report_command,
+        run_trainer_command,
+        shard_command,
+        visualize_command,
+    )
 
     early = _EARLY_SIGNALS[-1] if _EARLY_SIGNALS else 0
     commands: dict[str, Callable[[], int]] = {

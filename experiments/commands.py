@@ -28,10 +28,18 @@ from experiments.build import build_objects, load_checked
 from experiments.config import ConfigError
 from experiments.recipes import effective
 from experiments.report import write_report
-from experiments.rundirs import LAUNCHER_ENV, Run, create_run_dir, experiment_name, prepare_run, remove_if_unused, resume_report, write_config
+from experiments.rundirs import (
+    LAUNCHER_ENV,
+    Run,
+    create_run_dir,
+    experiment_name,
+    prepare_run,
+    remove_if_unused,
+    resume_report,
+    write_config,
+)
 from experiments.trainer import finish_wandb, make_trainer, quiet_lightning
 from lightning_modules.base import NonFiniteLossError
-
 
 DIVERGED_EXIT = 3  # a non-finite loss stopped training
 

@@ -18,7 +18,6 @@ from callbacks.preemption import lost_work
 from experiments.config import EXPERIMENTS_DIR, ConfigError
 from experiments.recipes import effective
 
-
 RUN_DIR_ENV = "LEANVIT_RUN_DIR"  # how the rank-0 process tells the DDP ranks it launches where the run lives
 
 

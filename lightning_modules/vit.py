@@ -17,8 +17,15 @@ from typing import Any, Callable, Optional
 
 import timm
 import torch
-from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model
-from timm.models import get_arch_name, is_model, model_entrypoint
+from timm.models import (
+    build_model_with_cfg,
+    clean_state_dict,
+    generate_default_cfgs,
+    get_arch_name,
+    is_model,
+    model_entrypoint,
+    register_model,
+)
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.eva import Eva
 from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn

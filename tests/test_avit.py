@@ -9,9 +9,10 @@ import pytest
 import timm
 import torch
 
-from helpers import FAST, QUICKSTART, VARIANTS, column, leanvit, metrics
 from lightning_modules import METHODS
 from lightning_modules.avit import act_step, average_depth, depth_prior_kl, gaussian_depth_prior, halting_score
+
+from helpers import FAST, QUICKSTART, VARIANTS, column, leanvit, metrics
 
 
 def micro(**kwargs: object) -> torch.nn.Module:

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import FAMILIES, QUICKSTART, build, leanvit, refuses
 from lightning_modules import METHODS
+
+from helpers import FAMILIES, QUICKSTART, build, leanvit, refuses
 
 STATIC = [name for name, cls in METHODS.items() if cls.static_shapes]
 

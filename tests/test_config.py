@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import leanvit
 from experiments.config import ConfigError, check_config, load_config, to_plain, type_matches
+
+from helpers import leanvit
 
 
 def write(path: Path, text: str) -> Path:

@@ -19,11 +19,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import REPO, assert_fused_matches_explicit, assert_trace_invariants
 from datamodules import EmbeddedDataModule
 from lightning_modules import METHODS, method_name
 from lightning_modules.macs import count_macs
 from lightning_modules.vit import load_weights
+
+from helpers import REPO, assert_fused_matches_explicit, assert_trace_invariants
 
 BACKBONES = {  # one with a class token only; one with class + distillation tokens and LayerScale
     "plain": ("vit_micro_patch4_32", {}),

@@ -4,10 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import VARIANTS, micro_vit
 from lightning_modules import METHODS
 from lightning_modules.trace import remap_owner
 from lightning_modules.vit import ViTStudent
+
+from helpers import VARIANTS, micro_vit
+
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_dense_student_equals_timm(variant: str) -> None:

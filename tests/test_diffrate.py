@@ -10,10 +10,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from helpers import micro_vit
 from datamodules import EmbeddedDataModule
 from lightning_modules import METHODS
 from lightning_modules.diffrate import RateProxy, available_rates, check_counts, official_macs, official_rates
+
+from helpers import micro_vit
 
 
 def test_official_rates_are_read_from_the_shipped_file() -> None:

@@ -11,10 +11,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from helpers import FAST, QUICKSTART, column, leanvit, metrics
 from lightning_modules import METHODS
-from lightning_modules.dynamicvit import (PredictorLG, keep_ratios, kept_token_mse, policy_softmax,
-                                          pruning_ratio_loss)
+from lightning_modules.dynamicvit import PredictorLG, keep_ratios, kept_token_mse, policy_softmax, pruning_ratio_loss
+
+from helpers import FAST, QUICKSTART, column, leanvit, metrics
 
 
 def micro_module(**kwargs: object) -> torch.nn.Module:

@@ -9,10 +9,11 @@ import pytest
 import timm
 import torch
 
-from helpers import FAST, QUICKSTART, VARIANTS, assert_fused_matches_explicit, column, leanvit, metrics, micro_vit
 from lightning_modules import METHODS
 from lightning_modules.evit import EViTBlock, EViTStudent, keep_attentive, kept_tokens
 from lightning_modules.layers import ReductionAttention, class_attention
+
+from helpers import FAST, QUICKSTART, VARIANTS, assert_fused_matches_explicit, column, leanvit, metrics, micro_vit
 
 CLS_VARIANTS = {k: v for k, v in VARIANTS.items() if v.get("class_token", True)}
 

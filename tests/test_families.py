@@ -22,11 +22,21 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import lightning_modules.layers
-from helpers import (FAMILIES, MICRO, ROPE, assert_fused_matches_explicit, assert_trace_invariants, build, reference,
-                     refuses)
 from lightning_modules import METHODS, method_name
 from lightning_modules.macs import count_macs
 from lightning_modules.ops import mean_rope
+
+from helpers import (
+    FAMILIES,
+    MICRO,
+    ROPE,
+    assert_fused_matches_explicit,
+    assert_trace_invariants,
+    build,
+    reference,
+    refuses,
+)
+
 
 def test_the_rope_families_are_the_eva_ones() -> None:
     assert ROPE == ["EVA-02", "DINOv3", "PE-core", "RoPE-ViT mixed", "EVA-02 qk-norm, no class token"]

@@ -17,8 +17,9 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from helpers import build, HostSyncCounter
 from lightning_modules import METHODS
+
+from helpers import HostSyncCounter, build
 
 pytestmark = pytest.mark.gpu
 STATIC = [name for name, cls in METHODS.items() if cls.static_shapes]

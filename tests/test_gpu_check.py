@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, check_success, subprocess_env
 from experiments import gpu_check
 from lightning_modules import METHODS
+
+from helpers import REPO, check_success, subprocess_env
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

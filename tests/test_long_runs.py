@@ -16,8 +16,21 @@ import pytest
 import torch
 
 from callbacks.checkpointing import AtomicCheckpointIO, NonFiniteCheckpointError
-from helpers import (DDP, FAST, QUICKSTART, RANDOM, STEPS_PER_EPOCH, assert_same_weights, check_success, leanvit,
-                     leanvit_subprocess, subprocess_env, weights)
+
+from helpers import (
+    DDP,
+    FAST,
+    QUICKSTART,
+    RANDOM,
+    STEPS_PER_EPOCH,
+    assert_same_weights,
+    check_success,
+    leanvit,
+    leanvit_subprocess,
+    subprocess_env,
+    weights,
+)
+
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

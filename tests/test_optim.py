@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAST, QUICKSTART, column, leanvit, metrics
 from lightning_modules import METHODS
+
+from helpers import FAST, QUICKSTART, column, leanvit, metrics
 
 
 def test_no_weight_decay_on_norms_biases_pos_embed_and_tokens() -> None:

@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import micro_vit
 from lightning_modules import METHODS
 from lightning_modules.pitome import energy_matching, margins, merge_count
+
+from helpers import micro_vit
 
 
 def test_merge_count_is_the_official_floor() -> None:

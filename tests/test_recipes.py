@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, leanvit
 from experiments.build import load_checked
 from experiments.config import EXPERIMENTS_DIR
 from experiments.recipes import COLUMNS, OFFICIAL_COLUMNS, effective, experiment_yamls, recipe_cells
+
+from helpers import REPO, leanvit
 
 
 def readme_table() -> tuple[list[str], dict[str, dict[str, str]]]:

@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import FAST, check_success, leanvit, leanvit_subprocess
 from datamodules.embedded import load_embedded, split_indices
 from datamodules.shards import ShardStream, eval_plan, read_info, resolve_split, train_plan
+
+from helpers import FAST, check_success, leanvit, leanvit_subprocess
 
 WDS = "digits/dense_wds.yaml"
 
@@ -203,8 +204,9 @@ def test_preempted_mid_epoch_on_shards_resumes_exactly(mode: str, shards: Path, 
     import sys
     import time
 
-    from helpers import subprocess_env
     from test_long_runs import assert_same_weights, weights
+
+    from helpers import subprocess_env
 
     args = [*FAST, f"data.root={shards}", "trainer.max_epochs=2", "model.mixup=0.8", "model.cutmix=1.0",
             "model.drop_path_rate=0.1", "model.ema_decay=0.9", "data.auto_augment=rand-m9-mstd0.5-inc1",

@@ -15,8 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (QUICKSTART, RANDOM, STEPS_PER_EPOCH, assert_same_weights, check_success, leanvit_subprocess,
-                     subprocess_env, weights)
+from helpers import (
+    QUICKSTART,
+    RANDOM,
+    STEPS_PER_EPOCH,
+    assert_same_weights,
+    check_success,
+    leanvit_subprocess,
+    subprocess_env,
+    weights,
+)
 
 INTERVAL, EPOCHS = 4, 4
 SOAK = [*RANDOM, f"trainer.max_epochs={EPOCHS}", f"checkpoint.every_n_train_steps={INTERVAL}",

@@ -11,9 +11,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import FAST, QUICKSTART, column, leanvit, metrics
 from lightning_modules import METHODS
 from lightning_modules.macs import count_macs
+
+from helpers import FAST, QUICKSTART, column, leanvit, metrics
 
 C, HEAD_DIM, PATCHES = 384, 64, 196  # DeiT-S
 

@@ -9,11 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
-from callbacks.token_maps import (GREY, GROUP_ALPHA, GROUP_COLOURS, changing_layers, save_figures, token_map,
-                                  token_map_figure)
-from helpers import FAST, QUICKSTART, leanvit
+from callbacks.token_maps import (
+    GREY,
+    GROUP_ALPHA,
+    GROUP_COLOURS,
+    changing_layers,
+    save_figures,
+    token_map,
+    token_map_figure,
+)
 from datamodules import export_image_folder
 from lightning_modules import METHODS
+
+from helpers import FAST, QUICKSTART, leanvit
 
 
 def test_token_map_pixels_by_hand() -> None:

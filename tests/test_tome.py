@@ -9,11 +9,12 @@ import pytest
 import timm
 import torch
 
-from helpers import FAST, QUICKSTART, VARIANTS, assert_fused_matches_explicit, leanvit, micro_vit
 from lightning_modules import METHODS
 from lightning_modules.layers import ReductionAttention
 from lightning_modules.ops import bipartite_soft_matching, merge_wavg
 from lightning_modules.tome import ToMeBlock, ToMeStudent, parse_r
+
+from helpers import FAST, QUICKSTART, VARIANTS, assert_fused_matches_explicit, leanvit, micro_vit
 
 
 # ------------------------------------------------------------------------------------------------ ops

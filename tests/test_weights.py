@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import micro_vit
 from lightning_modules import METHODS
 from lightning_modules.vit import ViTStudent, create_teacher, load_weights, read_checkpoint
+
+from helpers import micro_vit
 
 
 class NotAllowed:
