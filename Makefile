@@ -61,7 +61,7 @@ accuracy: $(STAMP)
 	$(PY) -m experiments.accuracy --output BENCHMARKS.md
 
 # DynamicViT's recipe ablation on the canvas digits (effective batch, steps, predictor warm-up, policy eps); rewrites
-# its section of BENCHMARKS.md (~45 min here). WEIGHTS=runs/canvas/dense_scratch/<version>/checkpoints/best.ckpt
+# its section of BENCHMARKS.md (~60 min here). WEIGHTS=runs/canvas/dense_scratch/<version>/checkpoints/best.ckpt
 # starts from a dense canvas checkpoint that make accuracy trained.
 ablation: $(STAMP)
 	$(PY) -m experiments.ablation $(if $(WEIGHTS),--weights $(WEIGHTS)) --output BENCHMARKS.md
