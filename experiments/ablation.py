@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from torch import Tensor
 
 CONFIG = "canvas/dynamicvit.yaml"
 BEGIN, END = "<!-- dynamicvit ablation -->", "<!-- end dynamicvit ablation -->"
@@ -40,10 +41,21 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+def rank_auc(score: Tensor, inside: Tensor) -> Tensor:
+    """Per image, the share of (inside, outside) patch pairs where the inside patch scores higher (ties count a
+    half): 1 = every digit patch ranks above every background patch, 0.5 = blind. score: (B, N) float, inside:
+    (B, N) bool -> (B,), NaN for an image without patches on one side."""
+    above = (score[:, :, None] > score[:, None, :]).float() + 0.5 * (score[:, :, None] == score[:, None, :]).float()
+    pairs = inside[:, :, None] & ~inside[:, None, :]  # (B, N, N): i inside, j outside
+    return (above * pairs).sum((1, 2)) / pairs.sum((1, 2))
+
+
 @torch.no_grad()
-def keep_probabilities(run_dir: Path, checkpoint: str = "last.ckpt") -> tuple[float, float]:
+def keep_probabilities(run_dir: Path, checkpoint: str = "last.ckpt") -> tuple[float, float, float]:
     """The first predictor's mean keep probability on the validation images' digit patches and background patches
-    (every patch scored, as at the first stage of inference), from a run's final weights."""
+    (every patch scored, as at the first stage of inference), and how well its keep score ranks digit above
+    background patches (`rank_auc`, averaged over images: unlike the probabilities it does not saturate), from a
+    run's final weights."""
     from experiments.build import build_objects, load_checked
     from lightning_modules.trace import patch_regions
     from lightning_modules.vit import load_weights
@@ -53,23 +65,27 @@ def keep_probabilities(run_dir: Path, checkpoint: str = "last.ckpt") -> tuple[fl
     load_weights(module.student, str(run_dir / "checkpoints" / checkpoint))
     student = module.student.eval()
     sums, counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    aucs = []
     for images, _ in datamodule.val_dataloader():
         x, rope = student.embed_rope(images)
         for layer, block in enumerate(student.vit.blocks[:student.reduction_layers[0]]):
             x = block(x, rope=student.layer_rope(rope, layer))
         tokens = x[:, student.num_prefix_tokens:]
-        keep = student.score_predictor[0](tokens, tokens.new_ones(*tokens.shape[:2], 1))[..., 0].exp()  # (B, N0)
-        inside = patch_regions(datamodule.foreground(images), student.vit.patch_embed.grid_size).double()
+        log_keep = student.score_predictor[0](tokens, tokens.new_ones(*tokens.shape[:2], 1))[..., 0]  # (B, N0)
+        regions = patch_regions(datamodule.foreground(images), student.vit.patch_embed.grid_size)
+        keep, inside = log_keep.exp().double(), regions.double()
         sums += torch.stack([(keep * inside).sum(), (keep * (1 - inside)).sum()])
         counts += torch.stack([inside.sum(), (1 - inside).sum()])
-    return float(sums[0] / counts[0]), float(sums[1] / counts[1])
+        aucs.append(rank_auc(log_keep, regions))
+    auc = torch.cat(aucs)
+    return float(sums[0] / counts[0]), float(sums[1] / counts[1]), float(auc[~auc.isnan()].mean())
 
 
 def measure(run_dir: Path) -> dict[str, Any]:
     results = json.loads((run_dir / "results_fit.json").read_text())
-    fg_prob, bg_prob = keep_probabilities(run_dir)
+    fg_prob, bg_prob, auc = keep_probabilities(run_dir)
     return {"acc1": results["val/acc1"], "keep_fg": results["val/keep_on_foreground"],
-            "keep_bg": results["val/keep_on_background"], "prob_fg": fg_prob, "prob_bg": bg_prob,
+            "keep_bg": results["val/keep_on_background"], "prob_fg": fg_prob, "prob_bg": bg_prob, "auc": auc,
             "seconds": results.get("wall_seconds")}
 
 
@@ -78,13 +94,15 @@ def markdown(rows: dict[str, dict[str, Any]], weights: str, command: str) -> str
              f"Regenerate: `{command}` (each variant fine-tunes `{CONFIG}` from the same dense canvas checkpoint, "
              f"{weights}).",
              "keep prob.: the first predictor's mean keep probability on digit / background patches of the 1,000",
-             "validation images; kept: the share of (patch, block) pairs where a digit / background patch keeps its own",
-             "token at the top-k inference (`val/keep_on_foreground` / `val/keep_on_background`).", "",
-             "| variant | change | val/acc1 (%) | keep prob. digit | keep prob. background | gap | kept digit | "
-             "kept background | fit (s) |", "|---|---|---|---|---|---|---|---|---|"]
+             "validation images; rank AUC: the share of (digit, background) patch pairs of an image whose digit patch",
+             "the predictor ranks higher (0.5: blind, 1: every digit patch first); kept: the share of (patch, block)",
+             "pairs where a digit / background patch keeps its own token at the top-k inference",
+             "(`val/keep_on_foreground` / `val/keep_on_background`).", "",
+             "| variant | change | val/acc1 (%) | keep prob. digit | keep prob. background | gap | rank AUC | kept digit | "
+             "kept background | fit (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {VARIANTS[name][0]} | {r['acc1']:.2f} | {r['prob_fg']:.3f} | {r['prob_bg']:.3f} | "
-                     f"{r['prob_fg'] - r['prob_bg']:+.3f} | {r['keep_fg']:.3f} | {r['keep_bg']:.3f} | "
+                     f"{r['prob_fg'] - r['prob_bg']:+.3f} | {r['auc']:.3f} | {r['keep_fg']:.3f} | {r['keep_bg']:.3f} | "
                      f"{'-' if r['seconds'] is None else format(r['seconds'], '.0f')} |")
     return "\n".join(lines + [END])
 

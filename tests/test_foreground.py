@@ -69,3 +69,16 @@ def test_validation_logs_the_foreground_keep_from_the_trace() -> None:
     assert np.allclose([logged["evit"]["val/keep_on_foreground"], logged["evit"]["val/keep_on_background"]],
                        expected, atol=1e-6)
     assert logged["evit"]["val/keep_on_background"] < 1.0
+
+
+def test_rank_auc_by_hand() -> None:
+    from experiments.ablation import rank_auc
+
+    inside = torch.tensor([[True, True, False, False]] * 3)
+    score = torch.tensor([[3.0, 2.0, 1.0, 0.0],   # every digit patch above every background one
+                          [0.0, 1.0, 2.0, 3.0],   # every one below
+                          [1.0, 1.0, 1.0, 1.0]])  # ties: blind
+    assert rank_auc(score, inside).tolist() == [1.0, 0.0, 0.5]
+    # digit patches 3.0 and 1.0 against background 2.0 and 0.0: 3 of the 4 pairs rank the digit patch first
+    assert rank_auc(torch.tensor([[3.0, 1.0, 2.0, 0.0]]), inside[:1]).tolist() == [0.75]
+    assert rank_auc(torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.bool)).isnan().all()
