@@ -164,40 +164,34 @@ class TrainingStopped(Exception):
 
 
 def run_stage(command: str, trainer: Any, module: Any, datamodule: Any, run: Run) -> dict[str, float]:
+    """trainer.fit / validate / test -> the metrics; how training ended early -> `TrainingStopped` (its status), a
+    bad input found mid-run (a corrupt image, a monitor key nobody logs) -> `ConfigError`."""
+    if command == "fit" and run.resume_ckpt is not None and run.rank_zero:
+        print(resume_report(run), flush=True)
+    ckpt_path = str(run.resume_ckpt) if run.resume_ckpt else None
     try:
-        return run_stage_unchecked(command, trainer, module, datamodule, run)
+        if command != "fit":
+            evaluate = trainer.validate if command == "validate" else trainer.test
+            return summarise(evaluate(module, datamodule=datamodule, ckpt_path=ckpt_path)[0])
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except DataError as err:  # a file found bad mid-run (a corrupt image): one line, exit 2
         raise ConfigError(data_error_line(err)) from err
-
-
-def run_stage_unchecked(command: str, trainer: Any, module: Any, datamodule: Any, run: Run) -> dict[str, float]:
-    if command == "fit":
-        if run.resume_ckpt is not None and run.rank_zero:
-            print(resume_report(run), flush=True)
-
-
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.resume_ckpt) if run.resume_ckpt else None)
-        except Preempted as err:
-            raise TrainingStopped(str(err), PREEMPTED_EXIT) from err
-        except (NonFiniteLossError, NonFiniteCheckpointError) as err:
-            raise TrainingStopped(str(err), DIVERGED_EXIT) from err
-        except CheckpointWriteError as err:
-            raise TrainingStopped(str(err), 2) from err
-        except MisconfigurationException as err:
-            if "could not find the monitored key" not in str(err):
-                raise
-            keys = str(err).split("returned metrics:", 1)[-1].split("]")[0].strip(" [")
-            raise ConfigError(f"checkpoint.monitor: {trainer.checkpoint_callback.monitor!r} is not a metric this "
-                              f"run logs; logged: {keys}") from err
-        results = summarise(trainer.callback_metrics)
-        best = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)), None)
-        if best is not None and best.best_model_score is not None:
-            results["best/" + best.monitor] = float(best.best_model_score)
-    else:
-        evaluate = trainer.validate if command == "validate" else trainer.test
-        ckpt_path = str(run.resume_ckpt) if run.resume_ckpt else None
-        results = summarise(evaluate(module, datamodule=datamodule, ckpt_path=ckpt_path)[0])
+    except Preempted as err:
+        raise TrainingStopped(str(err), PREEMPTED_EXIT) from err
+    except (NonFiniteLossError, NonFiniteCheckpointError) as err:
+        raise TrainingStopped(str(err), DIVERGED_EXIT) from err
+    except CheckpointWriteError as err:
+        raise TrainingStopped(str(err), 2) from err
+    except MisconfigurationException as err:
+        if "could not find the monitored key" not in str(err):
+            raise
+        keys = str(err).split("returned metrics:", 1)[-1].split("]")[0].strip(" [")
+        raise ConfigError(f"checkpoint.monitor: {trainer.checkpoint_callback.monitor!r} is not a metric this "
+                          f"run logs; logged: {keys}") from err
+    results = summarise(trainer.callback_metrics)
+    best = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)), None)
+    if best is not None and best.best_model_score is not None:
+        results["best/" + best.monitor] = float(best.best_model_score)
     return results
 
 
