@@ -152,7 +152,7 @@ def run_in_dir(command: str, cfg: dict[str, Any], run: Run, trainer: Any, module
 
 def format_metric(key: str, value: float) -> str:
     """Two decimals; MACs with four significant digits (a micro ViT's 0.0156 vs 0.0226 GMACs must show)."""
-    return f"{value:.4g}" if key.startswith("flops/") else f"{value:.2f}"
+    return f"{value:.4g}" if key.startswith("flops/") or key.endswith("/gmacs") else f"{value:.2f}"
 
 
 class TrainingStopped(Exception):

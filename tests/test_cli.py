@@ -102,3 +102,11 @@ def test_a_refused_launch_prints_its_error_on_rank_zero_only(
     assert leanvit("fit", QUICKSTART, "model.lr=-1") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("leanvit: error: model.lr")
+
+
+def test_the_summary_line_shows_macs_with_four_significant_digits() -> None:
+    """A micro ViT's 0.0122 and 0.0137 GMACs must not both print as 0.01, whichever stage logged them."""
+    from experiments.commands import format_metric
+
+    assert [format_metric(k, 0.012213) for k in ("flops/gmacs", "val/gmacs", "test/gmacs")] == ["0.01221"] * 3
+    assert format_metric("val/acc1", 78.2) == "78.20"
