@@ -56,12 +56,13 @@ benchmark-compile: $(STAMP)
 	$(PY) -m experiments.benchmark compile --output BENCHMARKS.md
 
 # Accuracy vs speed at small scale: a dense micro ViT from scratch on the canvas digits, every method fine-tuned
-# from it with its recipe's structure, the report; rewrites the accuracy section of BENCHMARKS.md (~15 min here).
+# from it with its recipe's structure (3 seeds of dense, ToMe, EViT), the report; rewrites the accuracy section of
+# BENCHMARKS.md (~20 min here).
 accuracy: $(STAMP)
 	$(PY) -m experiments.accuracy --output BENCHMARKS.md
 
 # DynamicViT's recipe ablation on the canvas digits (effective batch, steps, predictor warm-up, policy eps); rewrites
-# its section of BENCHMARKS.md (~60 min here). WEIGHTS=runs/canvas/dense_scratch/<version>/checkpoints/best.ckpt
+# its section of BENCHMARKS.md (~15 min here on an idle machine). WEIGHTS=runs/canvas/dense_scratch/<version>/checkpoints/best.ckpt
 # starts from a dense canvas checkpoint that make accuracy trained.
 ablation: $(STAMP)
 	$(PY) -m experiments.ablation $(if $(WEIGHTS),--weights $(WEIGHTS)) --output BENCHMARKS.md
