@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -30,7 +31,9 @@ class RunSummary:
 
     @property
     def label(self) -> str:
-        return f"{self.method} {self.setting}".strip()
+        """The method and its setting, per-block lists shortened to their ends (`[65..33]`) so a plot keeps room."""
+        setting = re.sub(r"\[([^],\]]+),[^]]*,\s*([^],\]]+)\]", r"[\1..\2]", self.setting)
+        return f"{self.method} {setting}".strip()
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:

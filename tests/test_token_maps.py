@@ -137,3 +137,15 @@ def test_report_on_two_runs(in_tmp: Path) -> None:
     assert [float(dense_row.split("|")[i]) for i in (9, 10)] == [1.0, 1.0]  # dense keeps every patch
     assert all(0.0 <= float(evit_row.split("|")[i]) < 1.0 for i in (9, 10))  # EViT fused some at block 0
     assert leanvit("report", str(in_tmp)) == 2  # not a run directory
+
+
+def test_report_labels_shorten_per_block_lists() -> None:
+    """DiffRate's 12 counts per list would squeeze the plot: a label keeps each list's ends."""
+    from experiments.report import RunSummary
+
+    def label(setting: str) -> str:
+        return RunSummary("run", "m", "b", setting, None, None, None, None).label
+
+    assert label("prune_kept_num=[65, 65, 57, 49, 41, 33] merge_kept_num=[57, 49, 17]") == \
+        "m prune_kept_num=[65..33] merge_kept_num=[57..17]"
+    assert label("r=8") == "m r=8" and label("reduction_layers=[3, 6]") == "m reduction_layers=[3, 6]"
