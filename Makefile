@@ -56,7 +56,7 @@ benchmark-compile: $(STAMP)
 	$(PY) -m experiments.benchmark compile --output BENCHMARKS.md
 
 # Accuracy vs speed at small scale: a dense micro ViT from scratch on the canvas digits, every method fine-tuned
-# from it with its recipe's structure (3 seeds of dense, ToMe, EViT), the report; rewrites the accuracy section of
+# from it with its recipe's structure (3 seeds of dense, ToMe, EViT, DynamicViT), the report; rewrites the accuracy section of
 # BENCHMARKS.md (~20 min here).
 accuracy: $(STAMP)
 	$(PY) -m experiments.accuracy --output BENCHMARKS.md

@@ -55,7 +55,7 @@ def test_make_accuracy_in_miniature(in_tmp: Path) -> None:
     assert {line.split("|")[1].strip().strip("*") for line in table} == set(METHODS)  # every registered method
     assert [line.split("|")[2].strip() for line in table] == finetunes()  # and every recipe, DiffRate's search too
     assert all("| x" in line for line in table)  # a measured speed-up in every row
-    assert "(2 seeds)" in table[0] and "Seed spread" in text
+    assert "(2 seeds)" in table[0] and "Seed spread: 1 recipes ran with 2 seeds" in text
     assert (in_tmp / "runs" / "canvas" / "dense" / "a_seed1").is_dir()
     assert all(0.0 <= float(line.split("|")[i]) <= 1.0 for line in table for i in (6, 7))  # kept digit/background
     assert (in_tmp / "docs" / "accuracy_vs_gmacs.png").is_file()
