@@ -67,19 +67,19 @@ def keep_probabilities(run_dir: Path, checkpoint: str = "last.ckpt") -> tuple[fl
     module, datamodule = build_objects(cfg, resuming=True, command="validate")
     load_weights(module.student, str(run_dir / "checkpoints" / checkpoint))
     student = module.student.eval()
+    scores: list[Tensor] = []  # the first predictor's output in the inference forward, where every patch is scored
+    hook = student.score_predictor[0].register_forward_hook(lambda mod, args, out: scores.append(out[..., 0]))
     sums, counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     aucs = []
     for images, _ in datamodule.val_dataloader():
-        x, rope = student.embed_rope(images)
-        for layer, block in enumerate(student.vit.blocks[:student.reduction_layers[0]]):
-            x = block(x, rope=student.layer_rope(rope, layer))
-        tokens = x[:, student.num_prefix_tokens:]
-        log_keep = student.score_predictor[0](tokens, tokens.new_ones(*tokens.shape[:2], 1))[..., 0]  # (B, N0)
+        student(images)
+        log_keep = scores.pop()  # (B, N0) keep log-probabilities
         regions = patch_regions(datamodule.foreground(images), student.vit.patch_embed.grid_size)
         keep, inside = log_keep.exp().double(), regions.double()
         sums += torch.stack([(keep * inside).sum(), (keep * (1 - inside)).sum()])
         counts += torch.stack([inside.sum(), (1 - inside).sum()])
         aucs.append(rank_auc(log_keep, regions))
+    hook.remove()
     auc = torch.cat(aucs)
     return float(sums[0] / counts[0]), float(sums[1] / counts[1]), float(auc[~auc.isnan()].mean())
 

@@ -210,7 +210,6 @@ VISUALIZE_KEYS: dict[str, Any] = {"images": str, "out": str, "layers": Optional[
 
 def visualize_command(config: str, overrides: list[str]) -> int:
     """`leanvit visualize CONFIG [model.weights=...] images=PATH_OR_GLOB out=DIR`: token maps for any images."""
-
     cfg = load_checked(config, overrides, VISUALIZE_KEYS)
     if not cfg.get("images"):
         raise ConfigError("images: missing required value (a file, a folder or a glob: images=photos/*.jpg)")
@@ -246,7 +245,6 @@ def unique_names(paths: list[Path]) -> list[str]:
 def config_command(config: str, overrides: list[str]) -> int:
     """`leanvit config CONFIG [overrides]`: the resolved, checked config `fit` would run, with the method's and
     the DataModule's defaults filled in, as YAML."""
-
     print(OmegaConf.to_yaml(OmegaConf.create(effective(load_checked(config, overrides)))), end="")
     return 0
 

@@ -94,7 +94,6 @@ def find_resume(resume: str, experiment_dir: Path, pinned: Optional[Path] = None
 def checkpoint_position(path: Path) -> dict[str, int]:
     """A checkpoint's `global_step` and `epoch`, read without unpickling objects; an unreadable file (truncated,
     not a checkpoint) -> one line naming it and the run's other checkpoints to use instead."""
-
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -150,7 +149,6 @@ def check_same_model(saved: dict[str, Any], cfg: dict[str, Any], run_dir: Path) 
 def prepare_run(cfg: dict[str, Any], command: str) -> Run:
     """Pick (or recover) the run directory; every DDP rank must agree on it. Nothing is created yet
     (`create_run_dir`): a command that fails before its run starts leaves nothing behind."""
-
     experiment = experiment_name(cfg)
     experiment_dir = Path(cfg.get("runs_dir") or "runs") / experiment
     rank_zero = global_rank() == 0

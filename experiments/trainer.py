@@ -24,7 +24,6 @@ from experiments.rundirs import Run
 
 def resolve_trainer(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
     """`precision: auto` -> bf16-mixed on a GPU that has bf16, else 32-true."""
-
     kwargs = dict(trainer_cfg)
     if str(kwargs.get("accelerator", "auto")) in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator: {kwargs['accelerator']}, but torch sees no GPU on this machine "
@@ -87,7 +86,6 @@ def make_callbacks(cfg: dict[str, Any], run: Run, command: str) -> list[Any]:
 def make_trainer(cfg: dict[str, Any], run: Run, command: str) -> Any:
     """The Trainer with leanvit's loggers, callbacks and checkpoint IO; a setting Lightning refuses (a device
     that is not there, a negative epoch count) -> one line naming the trainer key."""
-
     plugins: list[Any] = [AtomicCheckpointIO()]
     if os.environ.get("SLURM_JOB_ID"):
         if SLURMEnvironment.detect():  # leanvit's Preemption callback requeues; Lightning's would kill the ranks

@@ -149,9 +149,8 @@ def region_keep_counts(trace: TokenTrace, region: Tensor) -> tuple[Tensor, Tenso
     still has its own token (`kept_alone`): 1 for a dense ViT; where a learned or attention-based keep
     decision sees the foreground, higher inside it than outside."""
     inside = region.to(torch.float64)
-    kept = torch.zeros(2, dtype=torch.float64, device=region.device)
-    for owner in trace.owner[1:]:
-        alone = kept_alone(owner, trace.num_prefix_tokens).to(torch.float64)  # (B, N0)
-        kept += torch.stack([(alone * inside).sum(), (alone * (1 - inside)).sum()])
-    per_block = torch.stack([inside.sum(), (1 - inside).sum()])
-    return kept, per_block * trace.depth
+    owners = torch.stack(trace.owner[1:]).flatten(0, 1)  # (depth * B, N0): every block's output at once
+    alone = kept_alone(owners, trace.num_prefix_tokens).view(trace.depth, *region.shape)
+    blocks = alone.to(torch.float64).sum(0)  # (B, N0) blocks after which each patch still had its own token
+    kept = torch.stack([(blocks * inside).sum(), (blocks * (1 - inside)).sum()])
+    return kept, torch.stack([inside.sum(), (1 - inside).sum()]) * trace.depth
