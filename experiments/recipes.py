@@ -46,7 +46,7 @@ def _warmup(m: dict[str, Any]) -> str:
 
 
 def _schedule(m: dict[str, Any]) -> str:
-    s = m.get("keep_rate_schedule")
+    s = m.get("reduction_schedule") or m.get("keep_rate_schedule")
     if not s:
         return "-"
     start, shrink = s.get("start_epoch", 0), s.get("shrink_epochs", 0)
@@ -85,7 +85,7 @@ COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("EMA", lambda c: _num(c["model"]["ema_decay"]) if c["model"].get("ema_decay") is not None else "-"),
     ("rep. aug", lambda c: str(c["data"]["repeated_aug"]) if c["data"].get("repeated_aug", 0) > 1 else "-"),
     ("mixup/cutmix/smooth", lambda c: "/".join(_num(c["model"][k]) for k in ("mixup", "cutmix", "label_smoothing"))),
-    ("keep-rate schedule", lambda c: _schedule(c["model"])),
+    ("reduction schedule", lambda c: _schedule(c["model"])),
     ("teacher", _teacher),
     ("precision", lambda c: str((c.get("trainer") or {}).get("precision", "auto"))),
     ("train mode", lambda c: "train" if c["model"]["train_mode"] else "eval"),

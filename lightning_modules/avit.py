@@ -5,7 +5,7 @@ its raw output; a token halts once its cumulative score reaches `1 - eps` (every
 block). Its output is the ACT-weighted sum of its block outputs (h while running, the remainder R at the
 halting block), which feeds the final norm and the head. No parameters are added.
 
-Training (and `forward_masked`) is the official computation: every token stays, halted ones are zeroed
+Training (`run(train=True)`, `forward_masked`) is the official computation: every token stays, halted ones are zeroed
 before each block, get a -1000 key bias, and their outputs are zeroed. The official code never removes a
 token, so it is no faster. Inference here does: each image runs only its active tokens, packed across the
 batch into one varlen sequence (the linear layers see no padding; attention pads per image), and an image
@@ -23,10 +23,10 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lightning_modules.base import ReductionModule
-from lightning_modules.layers import ReductionAttention, SplitBlock
+from lightning_modules.layers import ReductionAttention, ReductionBlock
 from lightning_modules.ops import identity_rope
 from lightning_modules.trace import TokenTrace, TraceRecorder
-from lightning_modules.vit import ViTStudent
+from lightning_modules.vit import StudentOutput, ViTStudent
 
 MASKED_KEY_BIAS = -1000.0  # the official additive logit for halted keys
 
@@ -133,18 +133,19 @@ def attend_packed(attn: ReductionAttention, x: Tensor, layout: PackedLayout, rop
     return attn.project(x, out)
 
 
-class AViTBlock(SplitBlock):
-    """timm's Block with A-ViT's masking (official, training) and a packed varlen path (inference)."""
+class AViTBlock(ReductionBlock[Optional[Tensor], None]):
+    """timm's Block with A-ViT's masking (official, training: `reduce`) and a packed varlen path (inference)."""
 
-    def forward(self, x: Tensor, halted: Optional[Tensor] = None,  # type: ignore[override]
-                rope: Optional[Tensor] = None) -> Tensor:
-        """x: (B, N, C); halted: (B, N) float, 1 for halted tokens (zeroed at every sub-layer input)."""
+    def reduce(self, x: Tensor, halted: Optional[Tensor], setting: None = None, record: bool = False,
+               rope: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], None]:
+        """x: (B, N, C); halted (state): (B, N) float, 1 for halted tokens (zeroed at every sub-layer input); the
+        student updates it from the halting scores. None: timm's block."""
         if halted is None:
-            return self.dense(x, rope)
+            return self.dense(x, rope), None, None
         keep = (1.0 - halted)[..., None]
         bias = (halted * MASKED_KEY_BIAS)[:, None, None, :].to(x.dtype)
         x = x + self.drop_path1(self.ls1(self.attn.forward_reduce(self.norm1(x * keep) * keep, bias, rope=rope).x))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x * keep) * keep)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x * keep) * keep))), halted, None
 
     def forward_packed(self, x: Tensor, layout: PackedLayout, rope: Optional[Tensor] = None) -> Tensor:
         x = x + self.ls1(attend_packed(self.attn, self.norm1(x), layout, rope))
@@ -195,7 +196,7 @@ class AViTStudent(ViTStudent):
             if recorder is not None:
                 recorder.drop(active > 0.5)
                 recorder.block(active.sum(1))
-            block_out = self.run_block(block, out, 1.0 - active, rope=self.layer_rope(rope, layer))
+            block_out, _, _ = self.run_block(block.reduce, out, 1.0 - active, None, False, self.layer_rope(rope, layer))
             h = halting_score(block_out, self.gate_scale, self.gate_center)
             scores.append(h)
             if layer == len(self.vit.blocks) - 1:
@@ -272,24 +273,23 @@ class AViTStudent(ViTStudent):
             recorder.block(layout.counts)
 
     # -------------------------------------------------------------------------------------- student API
-    def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder],
-                       rope: Optional[Tensor] = None) -> tuple[Tensor, None]:
-        if self.training:
-            return self.forward_masked(x, recorder, rope).features, None
+    def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder], rope: Optional[Tensor] = None,
+                       train: bool = False) -> tuple[Tensor, Optional[HaltingOutput]]:
+        """Training: the official masked computation (state: its halting statistics); inference: packed."""
+        if train:
+            out = self.forward_masked(x, recorder, rope)
+            return out.features, out
         return self.forward_packed(x, recorder, rope), None
 
-    def tokens_out(self, x: Tensor, state: None) -> Tensor:
+    def loss_inputs(self, x: Tensor, state: Optional[HaltingOutput]) -> Optional[HaltingOutput]:
+        return state
+
+    def tokens_out(self, x: Tensor, state: Optional[HaltingOutput]) -> Tensor:
         return x.new_zeros(x.shape[0], dtype=torch.long)  # every token has halted after the last block
 
     def tokens_to_head(self, trace: TokenTrace) -> Tensor:
         """Every token: each one's ACT output reaches the final norm and the head."""
         return torch.full_like(trace.tokens[:, -1], trace.owner[0].shape[1] + trace.num_prefix_tokens)
-
-    def forward_halting(self, images: Tensor) -> tuple[Tensor, HaltingOutput]:
-        """Training: logits and the halting statistics, through the official masked computation."""
-        x, rope = self.embed_rope(images)
-        out = self.forward_masked(x, None, rope)
-        return self.vit.forward_head(self.vit.norm(out.features)), out
 
 
 def average_depth(trace: TokenTrace) -> Tensor:
@@ -304,7 +304,7 @@ class AViTModule(ReductionModule):
     `eps`. Loss terms `cls`, `ponder` (mean rho over images and tokens), `prior` (the Gaussian depth
     prior's KL), weighted 1 / `ponder_weight` / `prior_weight`. `prior_mean_over`: "batch" is the official
     per-layer mean `h[1:]`, which indexes the batch (drops the first image); "tokens" is the intended mean
-    over every image's patch tokens. The keep-rate schedule, when configured, ramps the ponder weight from 0
+    over every image's patch tokens. The reduction schedule, when configured, ramps the ponder weight from 0
     (the official code's unused halting warm-up)."""
 
     static_shapes = False  # each image runs its own token counts
@@ -341,16 +341,17 @@ class AViTModule(ReductionModule):
                              persistent=False)
         self.depth_stats = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
 
-    def loss_terms(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        logits, out = self.student.forward_halting(images)
+    def reduction_terms(self, halting: StudentOutput[HaltingOutput], images: Tensor) -> dict[str, Tensor]:
+        """`ponder` and `prior`, added to `cls` (+ `distill` with a DeiT teacher: the official A-ViT wraps its criterion
+        in DeiT's DistillationLoss and adds the halting terms to it)."""
+        out = halting.loss_inputs
+        assert out is not None
         if self.prior_mean_over == "batch":
             layer_means = torch.stack([h[1:].mean() for h in out.layer_scores])  # the official indexing
         else:
             prefix = self.student.num_prefix_tokens
             layer_means = torch.stack([h[:, prefix:].mean() for h in out.layer_scores])
-        # `cls` (+ `distill` with a DeiT teacher: the official A-ViT wraps its criterion in DeiT's
-        # DistillationLoss and adds the halting terms to it)
-        return self.classification_terms(logits, images, targets) | {
+        return {
             "ponder": out.ponder.mean(),
             # the official code adds the prior only when it is positive
             "prior": F.relu(depth_prior_kl(layer_means, self.prior_target)),

@@ -2,7 +2,7 @@
 composite loss, metrics, optimiser and schedule.
 
 A method subclasses it, builds its student with `build_student(StudentClass, block_fn=...)` (its blocks get
-`layers.ReductionAttention`), maps the keep-rate schedule's strength onto its knob in `apply_reduction` and,
+`layers.ReductionAttention`), maps the reduction schedule's strength onto its knob in `apply_reduction` and,
 when its loss has more terms than classification (+ DeiT distillation), overrides `loss_terms` and
 `loss_weights`. Facts about a method that other code reads are class attributes (`static_shapes`,
 `setting_keys`, `off_settings`, `demo_settings`), so `METHODS` is the only list of methods.
@@ -27,9 +27,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.layers import ReductionAttention
 from lightning_modules.macs import count_macs
-from lightning_modules.schedule import KeepRateSchedule
+from lightning_modules.schedule import ReductionSchedule
 from lightning_modules.trace import TokenTrace, patch_regions, region_keep_counts
-from lightning_modules.vit import ViTStudent, create_teacher, create_vit, load_weights
+from lightning_modules.vit import StudentOutput, ViTStudent, create_teacher, create_vit, load_weights
 
 Distillation = Literal["none", "soft", "hard"]
 
@@ -84,18 +84,19 @@ def check_shared_args(hp: Any) -> None:
     need(hp.ema_decay is None or 0 < hp.ema_decay < 1, "ema_decay", "a decay in (0, 1), e.g. 0.99996 (or null: no EMA)")
 
 
-def check_keep_rate_schedule(method: type, schedule: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
-    """`keep_rate_schedule: {start_epoch, shrink_epochs}` (epochs >= 0), for a method with a reduction to schedule."""
+def check_reduction_schedule(method: type, schedule: Optional[dict[str, float]],
+                             key: str = "reduction_schedule") -> Optional[dict[str, float]]:
+    """`reduction_schedule: {start_epoch, shrink_epochs}` (epochs >= 0), for a method with a reduction to schedule."""
     if not schedule:
         return None
     if method.apply_reduction is ReductionModule.apply_reduction:
-        raise ValueError(f"model.keep_rate_schedule: {method.__name__} has no reduction to schedule; remove it")
+        raise ValueError(f"model.{key}: {method.__name__} has no reduction to schedule; remove it")
     unknown = sorted(set(schedule) - {"start_epoch", "shrink_epochs"})
     if unknown:
-        raise ValueError(f"model.keep_rate_schedule: unknown key(s) {unknown}; expected start_epoch and shrink_epochs")
-    for key, value in schedule.items():
+        raise ValueError(f"model.{key}: unknown key(s) {unknown}; expected start_epoch and shrink_epochs")
+    for name, value in schedule.items():
         if not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"model.keep_rate_schedule.{key}: expected epochs >= 0, got {value!r}")
+            raise ValueError(f"model.{key}.{name}: expected epochs >= 0, got {value!r}")
     return dict(schedule)
 
 
@@ -192,6 +193,7 @@ class ReductionModule(pl.LightningModule):
         label_smoothing: float = 0.1,
         ema_decay: Optional[float] = None,
         train_mode: bool = True,
+        reduction_schedule: Optional[dict[str, float]] = None,
         keep_rate_schedule: Optional[dict[str, float]] = None,
         linear_probe: bool = False,
     ) -> None:
@@ -212,7 +214,13 @@ class ReductionModule(pl.LightningModule):
         self.teacher_name = teacher
         self.teacher_weights = default_teacher_weights(teacher, weights, teacher_weights)
         self.train_mode = train_mode
-        self.keep_rate_schedule = check_keep_rate_schedule(type(self), keep_rate_schedule)
+        if keep_rate_schedule is not None:  # its earlier name (older checkpoints store it): the same setting
+            if reduction_schedule is not None:
+                raise ValueError("model.keep_rate_schedule: the old name of reduction_schedule; give one of them")
+            reduction_schedule, schedule_key = keep_rate_schedule, "keep_rate_schedule"
+        else:
+            schedule_key = "reduction_schedule"
+        self.reduction_schedule = check_reduction_schedule(type(self), reduction_schedule, schedule_key)
         # Built in setup("fit") only: evaluation never needs it (nor its hub weights).
         self.teacher: Optional[nn.Module] = None
         self.mixup_fn = (
@@ -317,8 +325,14 @@ class ReductionModule(pl.LightningModule):
         return self.teacher(images).float()
 
     def loss_terms(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        """Unweighted named loss terms for one batch: `cls`, and `distill` with a DeiT teacher."""
-        return self.classification_terms(self.student(images), images, targets)
+        """Unweighted named loss terms for one batch, from the student's training pass: `cls` (and `distill` with a
+        DeiT teacher), then the method's own `reduction_terms`."""
+        out = self.student.run(images, train=True)
+        return self.classification_terms(out.logits, images, targets) | self.reduction_terms(out, images)
+
+    def reduction_terms(self, out: StudentOutput[Any], images: Tensor) -> dict[str, Tensor]:
+        """The method's loss terms beyond classification, from its training pass (`out.loss_inputs`); none here."""
+        return {}
 
     def classification_terms(self, out: Tensor | tuple[Tensor, Tensor], images: Tensor,
                              targets: Tensor) -> dict[str, Tensor]:
@@ -450,13 +464,13 @@ class ReductionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def configure_callbacks(self) -> list[Any]:
-        """The method's own callbacks: its keep-rate schedule when `keep_rate_schedule` is configured."""
-        if not self.keep_rate_schedule:
+        """The method's own callbacks: its reduction schedule when `reduction_schedule` is configured."""
+        if not self.reduction_schedule:
             return []
-        return [KeepRateSchedule(**self.keep_rate_schedule)]
+        return [ReductionSchedule(**self.reduction_schedule)]
 
     def apply_reduction(self, alpha: float) -> dict[str, float]:
-        """Set the reduction strength in [0, 1] (the keep-rate schedule); returns values to log."""
+        """Set the reduction strength in [0, 1] (the reduction schedule); returns values to log."""
         raise NotImplementedError(f"{type(self).__name__} has no reduction to schedule")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

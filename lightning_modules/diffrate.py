@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -36,8 +37,8 @@ from lightning_modules.base import ReductionModule
 from lightning_modules.layers import ReductionBlock
 from lightning_modules.macs import linear_macs
 from lightning_modules.ops import GatherMerge, policy_softmax, size_bias
-from lightning_modules.trace import TokenTrace
-from lightning_modules.vit import ViTStudent, backbone_name
+from lightning_modules.trace import TokenTrace, TraceRecorder
+from lightning_modules.vit import StudentOutput, ViTStudent, backbone_name
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,19 @@ def prune_and_merge(x: Tensor, size: Tensor, order: Tensor, prune: int, merge: i
     return torch.cat([x[:, :p], dst], dim=1), torch.cat([size[:, :p], dst_size[..., None]], dim=1), merged
 
 
+def search_dest(order: Tensor, head: int, rest: int, last: int, partner: Optional[Tensor]) -> Tensor:
+    """The token map of one search step. order: (B, N) the entering token at each sorted position; sorted positions
+    [head, rest) merged into `partner (B, rest - head)` (positions < head; None: no merge), [rest, last) pruned ->
+    dest (B, N): each entering token's position after the step, -1 when pruned."""
+    batch, n = order.shape
+    positions = torch.arange(n, device=order.device).expand(batch, -1)
+    after = positions.clone()  # sorted position -> position after the step
+    after[:, rest:last] = -1
+    if partner is not None:
+        after[:, head:rest] = partner
+    return after.gather(1, torch.empty_like(order).scatter_(1, order, positions))  # (entering -> sorted) -> after
+
+
 def official_macs(num_patches: int, counts: list[tuple[Tensor, Tensor]], attn_macs: int, attn_dim: int,
                   mlp_macs: int, embed_macs: int, head_macs: int, num_prefix: int = 1) -> Tensor:
     """The official `calculate_flop_*` (in MACs, as its "FLOPs"): per block attention on the tokens entering it,
@@ -183,14 +197,14 @@ def official_macs(num_patches: int, counts: list[tuple[Tensor, Tensor]], attn_ma
 
 
 # ------------------------------------------------------------------------------------------------ layers
-class DiffRateBlock(ReductionBlock):
+class DiffRateBlock(ReductionBlock[Optional[Tensor], Optional[tuple[int, int]]]):
     """timm's Block with DiffRate's prune-then-merge between the attention residual and the MLP.
     setting: (prune, merge) patch counts; state: token sizes `(B, N, 1)` (None: all 1)."""
 
     clamp_sizes: bool = False
 
-    def forward(self, x: Tensor, size: Optional[Tensor] = None, setting: Optional[tuple[int, int]] = None,  # type: ignore[override]
-                record: bool = False, rope: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    def reduce(self, x: Tensor, size: Optional[Tensor], setting: Optional[tuple[int, int]], record: bool = False,
+               rope: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         p = self.num_prefix
         n = x.shape[1] - p
         prune = n if setting is None else min(setting[0], n)
@@ -207,11 +221,12 @@ class DiffRateBlock(ReductionBlock):
         dest = merged.dest(p + n) if record else None
         return self.mlp_residual(x), size, dest
 
-    def search(self, x: Tensor, size: Tensor, mask: Tensor, prune_proxy: RateProxy,
-               merge_proxy: RateProxy) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def search(self, x: Tensor, size: Tensor, mask: Tensor, prune_proxy: RateProxy, merge_proxy: RateProxy,
+               record: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
         """The official training step: every token stays, sorted by class attention; pruned and merged tokens are
         masked (policy softmax) with straight-through gradients to the proxies. x: (B, N, C), size: (B, N, 1),
-        mask: (B, N) -> x, size, mask, and the expected prune and merge patch counts."""
+        mask: (B, N) -> x, size, mask, the expected prune and merge patch counts, and with `record` the token map
+        `dest (B, N)`: each entering token's position after the sort, its destination's when merged, -1 when pruned."""
         p, c = self.num_prefix, x.shape[2]
         attn = self.attn.forward_reduce(self.norm1(x), size_bias(size, x.dtype), cls_attn=True, softmax=partial(policy_softmax, policy=mask))
         x = x + self.drop_path1(self.ls1(attn.x))
@@ -242,10 +257,20 @@ class DiffRateBlock(ReductionBlock):
             merged = scaled[:, :head].scatter_reduce(1, index, scaled[:, head:], reduce="sum")
             size = torch.cat([merged, scaled[:, head:], size[:, rest:]], dim=1)
         mask = mask * torch.cat([torch.ones_like(mask[0, :p]), patch_mask])[None]
-        return self.mlp_residual(x), size, mask, prune, merge
+        dest = search_dest(order, p + min(keep, mid), p + mid, p + last, partner if keep < mid else None) if record else None
+        return self.mlp_residual(x), size, mask, prune, merge, dest
 
 
 # ------------------------------------------------------------------------------------------------ student
+@dataclass
+class RateSearch:
+    """The state a search pass ends with: every block's expected (prune, merge) patch counts (what the FLOP loss
+    reads) and the `(B, N)` mask of the tokens still taking part."""
+
+    counts: list[tuple[Tensor, Tensor]]
+    mask: Tensor
+
+
 class DiffRateStudent(ViTStudent):
     """A timm ViT with DiffRate blocks; `rates` holds the search proxies and the counts evaluation uses."""
 
@@ -259,12 +284,14 @@ class DiffRateStudent(ViTStudent):
             raise ValueError(f"model.backbone: {backbone_name(vit)} has no class token, and DiffRate ranks tokens by the "
                              f"class token's attention")
         self.rates = DiffRateRates(self.depth, vit.patch_embed.num_patches, granularity)  # counts: set by the module
+        self.search = False  # training searches the rates (the module sets it for `target_flops`)
 
     def layer_settings(self) -> list[tuple[int, int]]:
         return self.rates.counts
 
-    def forward_head(self, x: Tensor, size: Optional[Tensor]) -> Tensor:
-        return self.size_weighted_head(x, size)
+    def forward_head(self, x: Tensor, state: Optional[Tensor] | RateSearch) -> Tensor:
+        # the search's sizes are not its head's (the class token: DiffRate needs one, which no size weighs)
+        return self.size_weighted_head(x, state if isinstance(state, Tensor) else None)
 
     def extra_macs(self, trace: TokenTrace) -> Tensor:
         """In each block that reduced: the class token's attention row beside fused SDPA (N x attn_dim) and the
@@ -277,18 +304,31 @@ class DiffRateStudent(ViTStudent):
         similarity = (prune - mlp_tokens) * (mlp_tokens - p) * self.embed_dim
         return ((tokens * attn_dim * fused + similarity) * reduced).sum(1)
 
-    def forward_search(self, images: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Training by search: logits and every block's expected (prune, merge) patch counts."""
-        x = self.embed(images)
+    def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder], rope: Optional[Tensor] = None,
+                       train: bool = False) -> tuple[Tensor, Optional[Tensor] | RateSearch]:
+        """The fixed counts (state: token sizes), or in training with `search` on the official rate search."""
+        if not (train and self.search):
+            return super().forward_blocks(x, recorder, rope, train)
         size, mask = x.new_ones(*x.shape[:2], 1), x.new_ones(*x.shape[:2])
         counts = []
         for layer, block in enumerate(self.vit.blocks):
-            x, size, mask, prune, merge = self.run_block(block.search, x, size, mask, self.rates.prune[layer],
-                                                         self.rates.merge[layer])
+            if recorder is not None:
+                recorder.block(mask.sum(1))
+            x, size, mask, prune, merge, dest = self.run_block(block.search, x, size, mask, self.rates.prune[layer],
+                                                               self.rates.merge[layer], recorder is not None)
+            if recorder is not None and dest is not None:
+                recorder.remap(dest)
+                recorder.mlp(mask.sum(1))
             counts.append((prune, merge))
         # what evaluation uses from now on, as the official kept_token_number
         self.rates.set_kept(torch.tensor([[int(a) for a, _ in counts], [int(b) for _, b in counts]]))
-        return self.vit.forward_head(self.vit.norm(x)), counts
+        return x, RateSearch(counts, mask)
+
+    def tokens_out(self, x: Tensor, state: Optional[Tensor] | RateSearch) -> Tensor | int:
+        return state.mask.sum(1) if isinstance(state, RateSearch) else x.shape[1]
+
+    def loss_inputs(self, x: Tensor, state: Optional[Tensor] | RateSearch) -> Optional[list[tuple[Tensor, Tensor]]]:
+        return state.counts if isinstance(state, RateSearch) else None
 
 
 # ------------------------------------------------------------------------------------------------ module
@@ -357,6 +397,7 @@ class DiffRateModule(ReductionModule):
             if any(len(c) != depth for c in counts):
                 raise ValueError(f"model.target_flops: the {target_flops} G counts are for another depth than {depth}")
             rates.set_kept(torch.tensor(counts) - 1)
+        self.student.search = self.searching
         if self.searching:
             self.student.vit.requires_grad_(False)  # the official search steps the arch parameters only
         else:
@@ -375,13 +416,11 @@ class DiffRateModule(ReductionModule):
                              linear_macs(block.mlp), proj.weight[0].numel() * proj.out_channels, linear_macs(vit.head),
                              self.student.num_prefix_tokens) / 1e9
 
-    def loss_terms(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        if not self.searching:
-            return super().loss_terms(images, targets)
-        logits, counts = self.student.forward_search(images)
-        assert self.target_flops is not None
-        gmacs = self.official_gmacs(counts)
-        return self.classification_terms(logits, images, targets) | {"flops": (gmacs - self.target_flops) ** 2}
+    def reduction_terms(self, out: StudentOutput[list[tuple[Tensor, Tensor]]], images: Tensor) -> dict[str, Tensor]:
+        """`flops` while searching: (official GFLOPs of the expected counts - target)^2."""
+        if out.loss_inputs is None or self.target_flops is None:
+            return {}
+        return {"flops": (self.official_gmacs(out.loss_inputs) - self.target_flops) ** 2}
 
     def loss_weights(self) -> dict[str, float]:
         weights = super().loss_weights()

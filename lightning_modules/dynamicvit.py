@@ -19,10 +19,10 @@ from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from lightning_modules.base import ReductionModule, check_keep_rate, check_reduction_layers
-from lightning_modules.layers import SplitBlock
+from lightning_modules.layers import ReductionBlock
 from lightning_modules.ops import keep_topk, policy_softmax
 from lightning_modules.trace import TokenTrace, TraceRecorder
-from lightning_modules.vit import ViTStudent
+from lightning_modules.vit import StudentOutput, ViTStudent
 
 
 # ------------------------------------------------------------------------------------------------ pure ops
@@ -63,24 +63,25 @@ class PredictorLG(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ layers
-class DynamicViTBlock(SplitBlock):
-    """timm's Block whose attention takes a keep `policy (B, N)` through the policy softmax (training); None:
-    timm's block unchanged."""
+class DynamicViTBlock(ReductionBlock[Optional[Tensor], None]):
+    """timm's Block whose attention takes the keep policy `(B, N)` (state, training) through the policy softmax
+    (eps `policy_eps`, set by the student); None (inference): timm's block unchanged. It removes no token."""
 
-    def forward(self, x: Tensor, policy: Optional[Tensor] = None,  # type: ignore[override]
-                rope: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+    policy_eps: float = 1e-6
+
+    def reduce(self, x: Tensor, policy: Optional[Tensor], setting: None = None, record: bool = False,
+               rope: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], None]:
         if policy is None:
-            return self.dense(x, rope)
-        softmax = partial(policy_softmax, policy=policy, eps=eps)
+            return self.dense(x, rope), None, None
+        softmax = partial(policy_softmax, policy=policy, eps=self.policy_eps)
         x = x + self.drop_path1(self.ls1(self.attn.forward_reduce(self.norm1(x), softmax=softmax, rope=rope).x))
-        return self.mlp_residual(x)
+        return self.mlp_residual(x), policy, None
 
 
 @dataclass
 class PruningOutput:
-    """What the training loss needs from one masked forward pass."""
+    """What the training loss needs from one masked forward pass (`loss_inputs` of a training `run`)."""
 
-    logits: Tensor  # (B, classes)
     tokens: Tensor  # (B, N0, C) final-norm patch tokens
     decisions: list[Tensor]  # per stage (B, N0) cumulative hard keep masks
 
@@ -95,7 +96,8 @@ class DynamicViTStudent(ViTStudent):
                  policy_eps: float = 1e-6) -> None:
         super().__init__(vit)
         self.keep_rate = keep_rate
-        self.policy_eps = policy_eps
+        for block in vit.blocks:
+            block.policy_eps = policy_eps
         self.reduction_layers = check_reduction_layers(reduction_layers, len(vit.blocks))
         self.score_predictor = nn.ModuleList(PredictorLG(vit.embed_dim) for _ in self.reduction_layers)
 
@@ -112,24 +114,21 @@ class DynamicViTStudent(ViTStudent):
     def extra_checkpoint_keys(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v for k, v in state_dict.items() if k.startswith("score_predictor.")}
 
-    def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder],
-                       rope: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
-        """Inference gathers the kept tokens; training masks them (state: tokens taking part, per image)."""
-        if self.training:
-            x, decisions = self.masked_blocks(x, recorder, rope)
-            kept = decisions[-1].sum(1) if decisions else None
-            return x, None if kept is None else kept + self.num_prefix_tokens
+    def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder], rope: Optional[Tensor] = None,
+                       train: bool = False) -> tuple[Tensor, Optional[list[Tensor]]]:
+        """Inference gathers the kept tokens (state None); training masks them (state: every stage's decisions)."""
+        if train:
+            return self.masked_blocks(x, recorder, rope)
         x, _ = super().forward_blocks(x, recorder, rope)
         return x, None
 
-    def before_block(self, layer: int, x: Tensor, num_patches: Optional[int],
-                     recorder: Optional[TraceRecorder]) -> tuple[Tensor, int]:
+    def before_block(self, layer: int, x: Tensor, state: None, recorder: Optional[TraceRecorder],
+                     num_patches: int) -> tuple[Tensor, None]:
         """Inference: before a reduction layer keep the top `int(N0 * rho^s)` patch tokens by the predictor's
-        keep score (state: N0, the patch tokens entering the first block)."""
-        prefix = self.num_prefix_tokens
-        num_patches = x.shape[1] - prefix if num_patches is None else num_patches
+        keep score (N0 = `num_patches`, the patch tokens entering the first block)."""
         if layer not in self.reduction_layers:
-            return x, num_patches
+            return x, None
+        prefix = self.num_prefix_tokens
         stage = self.reduction_layers.index(layer)
         tokens = x[:, prefix:]
         score = self.score_predictor[stage](tokens, tokens.new_ones(*tokens.shape[:2], 1))[..., 0]  # (B, N) keep log-prob
@@ -139,12 +138,12 @@ class DynamicViTStudent(ViTStudent):
             x, dest = keep_topk(x, score, keep, prefix)
             if recorder is not None:
                 recorder.remap(dest)
-        return x, num_patches
+        return x, None
 
     def masked_blocks(self, x: Tensor, recorder: Optional[TraceRecorder] = None,
                       rope: Optional[Tensor] = None) -> tuple[Tensor, list[Tensor]]:
         """Training: every token stays (RoPE too), a cumulative Gumbel keep mask gates all attention (policy
-        softmax)."""
+        softmax) -> the tokens and every stage's `(B, N0)` hard keep decisions."""
         prefix = self.num_prefix_tokens
         batch, n = x.shape[:2]
         decision = x.new_ones(batch, n - prefix, 1)
@@ -161,17 +160,18 @@ class DynamicViTStudent(ViTStudent):
                     recorder.drop(policy > 0.5)
             if recorder is not None:
                 recorder.block(policy.sum(1))
-            x = self.run_block(block, x, policy, rope=self.layer_rope(rope, layer), eps=self.policy_eps)
+            x, _, _ = self.run_block(block.reduce, x, policy, None, False, self.layer_rope(rope, layer))
         return x, decisions
 
-    def tokens_out(self, x: Tensor, state: Optional[Tensor]) -> Tensor | int:
-        return x.shape[1] if state is None else state
+    def tokens_out(self, x: Tensor, decisions: Optional[list[Tensor]]) -> Tensor | int:
+        if not decisions:
+            return x.shape[1]
+        return decisions[-1].sum(1) + self.num_prefix_tokens  # (B,) tokens taking part after the last stage
 
-    def forward_train(self, images: Tensor) -> PruningOutput:
-        x, rope = self.embed_rope(images)
-        x, decisions = self.masked_blocks(x, None, rope)
-        x = self.vit.norm(x)
-        return PruningOutput(self.vit.forward_head(x), x[:, self.num_prefix_tokens:], decisions)
+    def loss_inputs(self, x: Tensor, decisions: Optional[list[Tensor]]) -> Optional[PruningOutput]:
+        if decisions is None:
+            return None
+        return PruningOutput(x[:, self.num_prefix_tokens:], decisions)
 
 
 # ------------------------------------------------------------------------------------------------ module
@@ -243,18 +243,16 @@ class DynamicViTModule(ReductionModule):
         return self.teacher.forward_head(features).float(), features[:, self.teacher.num_prefix_tokens:]
 
     # ------------------------------------------------------------------------------------------ loss
-    def loss_terms(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        out = self.student.forward_train(images)
-        targets_keep = keep_ratios(self.student.keep_rate, len(out.decisions))
-        terms = {
-            "cls": self.classification_loss(out.logits, targets),
-            "ratio": pruning_ratio_loss(out.decisions, targets_keep),
-        }
+    def reduction_terms(self, out: StudentOutput[PruningOutput], images: Tensor) -> dict[str, Tensor]:
+        """`ratio`, and with the teacher `kl` and `distill` (`cls` comes from the shared classification terms)."""
+        assert out.loss_inputs is not None
+        decisions = out.loss_inputs.decisions
+        terms = {"ratio": pruning_ratio_loss(decisions, keep_ratios(self.student.keep_rate, len(decisions)))}
         if self.needs_teacher():
             teacher_logits, teacher_tokens = self.teacher_outputs(images)
             terms["kl"] = F.kl_div(F.log_softmax(out.logits.float(), dim=-1), F.log_softmax(teacher_logits, dim=-1),
                                    reduction="batchmean", log_target=True)
-            terms["distill"] = kept_token_mse(out.tokens, teacher_tokens, out.decisions[-1])
+            terms["distill"] = kept_token_mse(out.loss_inputs.tokens, teacher_tokens, decisions[-1])
         return terms
 
     def loss_weights(self) -> dict[str, float]:

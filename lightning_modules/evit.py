@@ -52,14 +52,14 @@ def keep_attentive(x: Tensor, cls_attn: Tensor, keep_rate: float, num_prefix: in
 
 
 # ------------------------------------------------------------------------------------------------ layers
-class EViTBlock(ReductionBlock):
+class EViTBlock(ReductionBlock[None, Optional[float]]):
     """timm's Block with EViT's reorganisation between attention and MLP. setting: the keep rate (None
     outside `reduction_layers`: the dense block); no state."""
 
     fuse_token: bool = True
 
-    def forward(self, x: Tensor, state: None = None, keep_rate: Optional[float] = None,  # type: ignore[override]
-                record: bool = False, rope: Optional[Tensor] = None) -> tuple[Tensor, None, Optional[Tensor]]:
+    def reduce(self, x: Tensor, state: None, keep_rate: Optional[float], record: bool = False,
+               rope: Optional[Tensor] = None) -> tuple[Tensor, None, Optional[Tensor]]:
         if keep_rate is None or kept_tokens(x.shape[1], keep_rate, self.num_prefix) >= x.shape[1] - self.num_prefix:
             return self.dense(x, rope), None, None
         attn = self.attn.forward_reduce(self.norm1(x), cls_attn=True, rope=rope)
@@ -99,7 +99,7 @@ class EViTStudent(ViTStudent):
 # ------------------------------------------------------------------------------------------------ module
 class EViTModule(ReductionModule):
     """`METHODS["evit"]`: keep `keep_rate` of the tokens at `reduction_layers` (default 3, 6, 9), fusing the
-    rest when `fuse_token`. `keep_rate_schedule: {start_epoch, shrink_epochs}` is EViT's cosine keep-rate
+    rest when `fuse_token`. `reduction_schedule: {start_epoch, shrink_epochs}` is EViT's cosine keep-rate
     schedule (from scratch: 10 and 100; fine-tuning: none, the target from step 0)."""
 
     static_shapes = True

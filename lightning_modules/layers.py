@@ -7,9 +7,9 @@ boolean mask on the logits, or a replacement softmax (DynamicViT's policy softma
 submodule (qkv, q/k norms, scale norm, gate, proj, dropouts), so LayerScale, qk-norm and gated models work
 for every method.
 
-`ReductionBlock` is timm's `Block` whose `forward(x, state, setting, record, rope)` runs one block with the
-method's reduction and returns `(x, state, dest)`; `ViTStudent.forward_blocks` drives it and keeps the
-token trace.
+`ReductionBlock[State, Setting]` is timm's `Block` (its `forward` is timm's, the dense block) plus
+`reduce(x, state, setting, record, rope) -> (x, state, dest)`: one block with the method's reduction.
+`ViTStudent.forward_blocks` drives it and keeps the token trace.
 
 timm's `Eva` family (EVA-02, DINOv3, Perception Encoder) has no `block_fn`: `convert_eva` turns its built blocks
 into a method's blocks in place (as the official ToMe patch does, by setting `__class__`), with the same weights.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Generic, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -163,14 +163,18 @@ class SplitBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class ReductionBlock(SplitBlock):
-    """timm's Block for a method that reduces tokens inside blocks. Subclasses implement `forward`:
+State = TypeVar("State")  # what a method carries from block to block in one forward pass
+Setting = TypeVar("Setting")  # one block's reduction (None: the block runs dense)
 
-    `forward(x, state, setting, record, rope) -> (x, state, dest)`: `state` is what the method carries from block to
-    block in one forward pass (ToMe's token sizes; None before the first reduction), `setting` this block's
-    reduction (ToMe's r, EViT's keep rate; None: the block runs dense), `record` whether the token trace is
-    wanted; `dest (B, N)` maps each entering token to its position after the reduction (None: no change).
-    A block that reduces between the attention residual and the MLP returns the count its MLP ran on as
+
+class ReductionBlock(SplitBlock, Generic[State, Setting]):
+    """timm's Block for a token-reduction method: `forward` stays timm's dense block; subclasses implement `reduce`:
+
+    `reduce(x, state, setting, record, rope) -> (x, state, dest)`: `state` is what the method carries from block to
+    block in one forward pass (ToMe's token sizes, DynamicViT's keep policy; None before the first reduction),
+    `setting` this block's reduction (ToMe's r, EViT's keep rate; None: the block runs dense), `record` whether the
+    token trace is wanted; `dest (B, N)` maps each entering token to its position after the reduction (None: no
+    change). A block that reduces between the attention residual and the MLP returns the count its MLP ran on as
     `x.shape[1]`, which `ViTStudent.forward_blocks` records.
 
     `rope` is this block's RoPE table for the tokens after the prefix (None: the backbone has none).
@@ -179,9 +183,9 @@ class ReductionBlock(SplitBlock):
 
     num_prefix: int = 1
 
-    def forward(self, x: Tensor, state: Any = None, setting: Any = None,  # type: ignore[override]
-                record: bool = False, rope: Optional[Tensor] = None) -> tuple[Tensor, Any, Optional[Tensor]]:
-        raise NotImplementedError
+    def reduce(self, x: Tensor, state: State, setting: Setting, record: bool = False,
+               rope: Optional[Tensor] = None) -> tuple[Tensor, State, Optional[Tensor]]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement reduce")
 
 
 # ------------------------------------------------------------------------------------------------ timm's Eva
@@ -197,6 +201,9 @@ class EvaBlockOps:
 
     def ls2(self, x: Tensor) -> Tensor:
         return x if self.gamma_2 is None else self.gamma_2 * x
+
+    def forward(self, x: Tensor, rope: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None) -> Tensor:
+        return EvaBlock.forward(self, x, rope=rope, attn_mask=attn_mask)  # type: ignore[arg-type]
 
     def dense(self, x: Tensor, rope: Optional[Tensor] = None) -> Tensor:
         return EvaBlock.forward(self, x, rope=rope)  # type: ignore[arg-type]

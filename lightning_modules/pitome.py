@@ -77,7 +77,7 @@ def energy_matching(metric: Tensor, ratio: float, margin: float, num_prefix: int
 
 
 # ------------------------------------------------------------------------------------------------ layers
-class PiToMeBlock(ReductionBlock):
+class PiToMeBlock(ReductionBlock[Optional[Tensor], Optional[float]]):
     """timm's Block with PiToMe's merge between the attention residual and the MLP. setting: the ratio (1: the
     dense block); state: token sizes `(B, N, 1)`. `margin` and `bipartite` are set by `PiToMeStudent`."""
 
@@ -85,8 +85,8 @@ class PiToMeBlock(ReductionBlock):
     bipartite: bool = True
     prop_attn: bool = False
 
-    def forward(self, x: Tensor, size: Optional[Tensor] = None, ratio: Optional[float] = None,  # type: ignore[override]
-                record: bool = False, rope: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    def reduce(self, x: Tensor, size: Optional[Tensor], ratio: Optional[float], record: bool = False,
+               rope: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         if ratio is None or merge_count(x.shape[1] - self.num_prefix, ratio) <= 0:
             return self.dense(x, rope), size, None  # (the official code re-orders the tokens here and merges nothing)
         bias = size_bias(size, x.dtype) if self.prop_attn else None  # (B, 1, 1, N): towards each key j
@@ -129,7 +129,7 @@ class PiToMeStudent(ViTStudent):
 class PiToMeModule(ReductionModule):
     """`METHODS["pitome"]`: merge r = floor(T (1 - ratio)) tokens per block (`ratio`, the official
     `model.ratio`, default 0.9125), energy-protected. `prop_attn`: ToMe's proportional attention (off, as the
-    official DeiT patch). `keep_rate_schedule` anneals the ratio from 1 to its target."""
+    official DeiT patch). `reduction_schedule` anneals the ratio from 1 to its target."""
 
     setting_keys = ("ratio",)
     off_settings = {"ratio": 1.0}

@@ -1,4 +1,4 @@
-"""The keep-rate cosine schedule (EViT's `adjust_keep_rate`), for every method with a reduction knob.
+"""The reduction schedule: EViT's keep-rate cosine schedule (`adjust_keep_rate`), for every method with a knob.
 
 The schedule is a reduction strength `alpha` in [0, 1]: 0 (no reduction) before `start_epoch`, then
 EViT's half cosine up to 1 over `shrink_epochs`, 1 after; stepped every training iteration. Each method
@@ -29,8 +29,8 @@ def reduction_strength(epoch: float, start_epoch: float, shrink_epochs: float) -
     return (1.0 - math.cos(math.pi * t)) / 2.0
 
 
-class KeepRateSchedule(Callback):
-    """Anneal a method's reduction from none to its target, per training step.
+class ReductionSchedule(Callback):
+    """Anneal a method's reduction from none to its target, per training step (`model.reduction_schedule`).
 
     start_epoch: epochs trained with no reduction. shrink_epochs: length of the half-cosine ramp.
     The last value is checkpointed and re-applied on resume; validation uses the value of the last
@@ -44,7 +44,8 @@ class KeepRateSchedule(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(start_epoch=self.start_epoch, shrink_epochs=self.shrink_epochs)
+        # the class's name before the rename, so checkpoints written then resume with their schedule
+        return "KeepRateSchedule" + repr({"start_epoch": self.start_epoch, "shrink_epochs": self.shrink_epochs})
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.apply_reduction(self.alpha)  # the restored value on resume; the start value otherwise

@@ -67,7 +67,7 @@ def check_r(rs: list[int], num_patches: int, r: RSchedule) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ layers
-class ToMeBlock(ReductionBlock):
+class ToMeBlock(ReductionBlock[Optional[Tensor], Optional[int]]):
     """timm's Block with a merge between the attention residual and the MLP.
 
     setting: r, the tokens to merge; state: token sizes `(B, N, 1)`, None before the first merge. The
@@ -76,8 +76,8 @@ class ToMeBlock(ReductionBlock):
 
     prop_attn: bool = True
 
-    def forward(self, x: Tensor, size: Optional[Tensor] = None, r: Optional[int] = None,  # type: ignore[override]
-                record: bool = False, rope: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    def reduce(self, x: Tensor, size: Optional[Tensor], r: Optional[int], record: bool = False,
+               rope: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         bias = size_bias(size, x.dtype) if self.prop_attn else None  # (B, 1, 1, N): towards each key j
         attn = self.attn.forward_reduce(self.norm1(x), bias, keys=True, rope=rope)  # keys as attention sees them
         x = x + self.drop_path1(self.ls1(attn.x))
@@ -93,7 +93,7 @@ class ToMeBlock(ReductionBlock):
 # ------------------------------------------------------------------------------------------------ student
 class ToMeStudent(ViTStudent):
     """A timm ViT with ToMe blocks. `r` (int or per-layer list) and `inflect` follow `parse_r`; `strength`
-    scales every layer's r (the keep-rate schedule anneals it from 0 to 1)."""
+    scales every layer's r (the reduction schedule anneals it from 0 to 1)."""
 
     def __init__(self, vit: Any, r: RSchedule = 0, inflect: float = 0.0, prop_attn: bool = True) -> None:
         super().__init__(vit)
@@ -129,7 +129,7 @@ class ToMeStudent(ViTStudent):
 class ToMeModule(ReductionModule):
     """`METHODS["tome"]`: merge `r` tokens per block (`r_inflect` for ToMe's ramped schedules, or a
     per-layer list). `prop_attn`: proportional attention (on for supervised checkpoints, off for MAE).
-    `keep_rate_schedule: {start_epoch, shrink_epochs}` anneals r in with the cosine schedule (off by
+    `reduction_schedule: {start_epoch, shrink_epochs}` anneals r in with the cosine schedule (off by
     default: the official recipe merges r tokens from step 0)."""
 
     static_shapes = True

@@ -3,17 +3,22 @@
 The student wraps a timm `VisionTransformer` built by `timm.create_model(name, block_fn=...)`, or a timm `Eva`
 (EVA-02, DINOv3, Perception Encoder: RoPE, SwiGLU, registers, MAP heads) whose blocks `layers.convert_eva` turns
 into the method's, so every timm ViT variant (LayerScale, qk-norm, distillation or register tokens, avg-pool
-and MAP heads) keeps its own embedding, norms and head. A method subclasses `ViTStudent`: a method that
-reduces inside blocks gives `ReductionBlock`s and `layer_settings`, one that reduces between blocks
-`before_block`; an adaptive one overrides `forward_blocks`. `forward_head` when the head must know about the
-reduction.
+and MAP heads) keeps its own embedding, norms and head.
+
+Every student has one entry point, `run(images, train, trace) -> StudentOutput` (logits, the token trace, what the
+method's loss needs); `forward` is `run` in the module's mode. A method subclasses `ViTStudent` and fills in hooks of
+that one pass: a method that reduces inside blocks gives `ReductionBlock`s and `layer_settings`, one that reduces
+between blocks `before_block`; one whose loop differs (masks instead of removal, adaptive halting, a rate search)
+overrides `forward_blocks`, which gets `train`; `forward_head` when the head must know about the reduction;
+`loss_inputs` what the loss reads from the pass.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import pathlib
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Optional, TypeVar
 
 import timm
 import torch
@@ -113,6 +118,16 @@ def check_hub_weights(name: str, key: str, local_key: str) -> None:
 
 
 ViT = VisionTransformer | Eva
+LossInputs = TypeVar("LossInputs")
+
+
+@dataclass
+class StudentOutput(Generic[LossInputs]):
+    """One forward pass of a student (`ViTStudent.run`)."""
+
+    logits: Any  # (B, classes); a distilled DeiT training with a teacher returns (class head, distillation head)
+    trace: Optional[TokenTrace] = None  # when asked for
+    loss_inputs: Optional[LossInputs] = None  # what the method's loss reads (DynamicViT's decisions, A-ViT's halting)
 
 
 def is_eva(backbone: str) -> bool:
@@ -230,19 +245,29 @@ class ViTStudent(nn.Module):
         return vit.norm_pre(x), None
 
     def forward(self, images: Tensor, trace: bool = False) -> Tensor | tuple[Tensor, TokenTrace]:
+        """`run` in the module's mode: logits, or `(logits, trace)` with `trace=True`."""
+        out = self.run(images, train=self.training, trace=trace)
+        if not trace:
+            return out.logits
+        assert out.trace is not None
+        return out.logits, out.trace
+
+    def run(self, images: Tensor, train: bool = False, trace: bool = False) -> StudentOutput[Any]:
+        """The one forward pass of every method. `train`: the method's training computation (DynamicViT's Gumbel
+        masks, A-ViT's masked halting, DiffRate's rate search), independent of the module's mode (dropout);
+        `trace`: record the token trace."""
         x, rope = self.embed_rope(images)
         recorder = None
         if trace or rope is not None:  # RoPE follows the tokens through the positions the recorder keeps
             recorder = TraceRecorder.start(x.shape[0], self.grid_size(images), self.num_prefix_tokens, x.device)
-        x, state = self.forward_blocks(x, recorder, rope)
+        x, state = self.forward_blocks(x, recorder, rope, train)
         x = self.vit.norm(x)
         logits = self.forward_head(x, state)
-        if not trace:
-            return logits
-        return logits, recorder.finish(self.tokens_out(x, state))
+        finished = recorder.finish(self.tokens_out(x, state)) if trace and recorder is not None else None
+        return StudentOutput(logits, finished, self.loss_inputs(x, state))
 
-    def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder],
-                       rope: Optional[Tensor] = None) -> tuple[Tensor, Any]:
+    def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder], rope: Optional[Tensor] = None,
+                       train: bool = False) -> tuple[Tensor, Any]:
         """Run every block and keep the token trace; return the tokens and the state the head needs.
 
         The loop every fixed-count method shares: `before_block` may reduce between blocks (DynamicViT), a
@@ -250,19 +275,24 @@ class ViTStudent(nn.Module):
         may reduce inside the block (ToMe, EViT); plain timm blocks run as they are.
         """
         state: Any = None
+        num_patches = x.shape[1] - self.num_prefix_tokens
         for layer, (block, setting) in enumerate(zip(self.vit.blocks, self.layer_settings())):
-            x, state = self.before_block(layer, x, state, recorder)
+            x, state = self.before_block(layer, x, state, recorder, num_patches)
             if recorder is not None:
                 recorder.block(x.shape[1])
             block_rope = self.block_rope(rope, layer, recorder, x.shape[1])
             if not isinstance(block, ReductionBlock):
                 x = self.run_block(block, x) if block_rope is None else self.run_block(block, x, rope=block_rope)
                 continue
-            x, state, dest = self.run_block(block, x, state, setting, recorder is not None, block_rope)
+            x, state, dest = self.run_block(block.reduce, x, state, setting, recorder is not None, block_rope)
             if recorder is not None and dest is not None:
                 recorder.remap(dest)
                 recorder.mlp(x.shape[1])
         return x, state
+
+    def loss_inputs(self, x: Tensor, state: Any) -> Any:
+        """What the method's loss needs from a pass, beside the logits (x: the final-norm tokens); none here."""
+        return None
 
     def layer_rope(self, rope: Optional[Tensor], layer: int) -> Optional[Tensor]:
         """Block `layer`'s part of timm's RoPE table (mixed RoPE has one per block)."""
@@ -283,8 +313,10 @@ class ViTStudent(nn.Module):
         """What each block's reduction gets (None: that block runs dense)."""
         return [None] * self.depth
 
-    def before_block(self, layer: int, x: Tensor, state: Any, recorder: Optional[TraceRecorder]) -> tuple[Tensor, Any]:
-        """A reduction between blocks, before block `layer` (reporting its token map to `recorder`); none here."""
+    def before_block(self, layer: int, x: Tensor, state: Any, recorder: Optional[TraceRecorder],
+                     num_patches: int) -> tuple[Tensor, Any]:
+        """A reduction between blocks, before block `layer` (reporting its token map to `recorder`; `num_patches`:
+        the patch tokens entering the first block); none here."""
         return x, state
 
     def forward_head(self, x: Tensor, state: Any) -> Tensor:
@@ -309,8 +341,8 @@ class ViTStudent(nn.Module):
         """(B,) tokens the head reads (a MAP head attends to all of them): those leaving the last block."""
         return trace.tokens[:, -1]
 
-    def run_block(self, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        """Call a block, through activation checkpointing when timm's `set_grad_checkpointing` is on."""
+    def run_block(self, block: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call a block (or one of its methods), through activation checkpointing when timm's `set_grad_checkpointing` is on."""
         if self.vit.grad_checkpointing and torch.is_grad_enabled():  # also when training in eval mode
             return checkpoint(block, *args, use_reentrant=False, **kwargs)
         return block(*args, **kwargs)

@@ -79,9 +79,12 @@ def micro_vit(**kwargs: Any) -> torch.nn.Module:
     return timm.create_model("vit_micro_patch4_32", num_classes=10, **kwargs).eval()
 
 
-def assert_trace_invariants(trace: Any, *, prefix: int, depth: int, num_patches: int, static: bool) -> bool:
+def assert_trace_invariants(trace: Any, *, prefix: int, depth: int, num_patches: int, static: bool,
+                            masked: bool = False) -> bool:
     """The token trace's invariants (shapes, counts, owners in range, every token carries a patch or is a prefix
-    token, merged patches stay together, a patch once gone never returns); returns whether any block reduced."""
+    token, merged patches stay together, a patch once gone never returns); returns whether any block reduced.
+    `masked`: a training pass that masks tokens in place (DynamicViT, A-ViT), so an owner is a position in the whole
+    sequence rather than among the tokens taking part."""
     batch = trace.tokens.shape[0]
     assert trace.num_prefix_tokens == prefix and trace.depth == depth
     assert trace.grid_size[0] * trace.grid_size[1] == num_patches
@@ -97,14 +100,14 @@ def assert_trace_invariants(trace: Any, *, prefix: int, depth: int, num_patches:
             live = here[here >= 0]
             groups = live.unique().numel()  # tokens that carry patches
             count = int(trace.tokens[b, layer])
-            assert (here >= -1).all() and (here < count).all()
+            assert (here >= -1).all() and (here < (num_patches + prefix if masked else count)).all()
             assert groups <= count <= groups + prefix  # every token entering the block carries a patch or is a prefix token
             if static:
                 assert (live >= prefix).all() and groups == count - prefix
             # merged patches stay together and a patch once gone never comes back
             after = nxt[b]
             assert (after[here < 0] < 0).all()
-            table = torch.full((count,), -2, dtype=torch.long)
+            table = torch.full((num_patches + prefix if masked else count,), -2, dtype=torch.long)
             table[live] = after[here >= 0]
             assert torch.equal(table[live], after[here >= 0])
         reduced |= bool((trace.tokens[:, layer + 1] < trace.tokens[:, layer]).any())

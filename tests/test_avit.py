@@ -56,13 +56,13 @@ def test_loss_terms_by_hand() -> None:
     module = micro(prior_mean_over="batch").train()
     images, targets = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
     terms = module.loss_terms(images, targets)
-    _, out = module.student.forward_halting(images)
+    out = module.student.run(images, train=True).loss_inputs
     assert terms["ponder"].item() == pytest.approx(out.ponder.mean().item(), rel=1e-6)
     batch_means = torch.stack([h[1:].mean() for h in out.layer_scores])  # the official h[1:] (drops image 0)
     expected = max(depth_prior_kl(batch_means, module.prior_target).item(), 0.0)
     assert terms["prior"].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
     fixed = micro(prior_mean_over="tokens").train()
-    _, out = fixed.student.forward_halting(images)
+    out = fixed.student.run(images, train=True).loss_inputs
     token_means = torch.stack([h[:, 1:].mean() for h in out.layer_scores])
     assert fixed.loss_terms(images, targets)["prior"].item() == pytest.approx(
         max(depth_prior_kl(token_means, fixed.prior_target).item(), 0.0), rel=1e-5, abs=1e-7)
@@ -76,10 +76,10 @@ def test_halted_tokens_cannot_influence_active_ones() -> None:
     halted[:, 10:40] = 1.0
     block = student.vit.blocks[2]
     with torch.no_grad():
-        base = block(x, halted)
+        base = block.reduce(x, halted)[0]
         poked = x.clone()
         poked[:, 10:40] += 100.0 * torch.randn_like(poked[:, 10:40])
-        other = block(poked, halted)
+        other = block.reduce(poked, halted)[0]
     active = halted[0] == 0
     torch.testing.assert_close(other[:, active], base[:, active], rtol=0, atol=0)
 

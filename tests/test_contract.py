@@ -72,6 +72,26 @@ def test_trace_invariants(method: str) -> None:
 
 
 @pytest.mark.parametrize("method", list(METHODS))
+def test_one_pass_in_training_too(method: str) -> None:
+    """Every method trains through the one forward pass: `run(images, train=True)` (Gumbel masks, halting, ...) is
+    what the loss reads - the same logits whatever the module's mode (no dropout or drop path here), `forward` is it
+    in training mode, and its trace (asked or not, the same pass) keeps the invariants."""
+    module = build(method, backbone="deit_micro_distilled_patch4_32", drop_path_rate=0.0)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.manual_seed(2)
+        plain = module.student.run(images, train=True)
+        torch.manual_seed(2)
+        traced = module.student.run(images, train=True, trace=True)
+        torch.manual_seed(2)
+        forward = module.student.train()(images)
+    torch.testing.assert_close(traced.logits, plain.logits, rtol=0, atol=0)
+    assert plain.trace is None and traced.trace is not None
+    assert_trace_invariants(traced.trace, prefix=2, depth=4, num_patches=64, static=False, masked=True)
+    torch.testing.assert_close(forward, plain.logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
 def test_macs_equal_the_flop_counter(method: str) -> None:
     module = build(method, backbone="deit_micro_distilled_patch4_32")
     image = torch.randn(1, 3, 32, 32)

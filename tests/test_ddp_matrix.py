@@ -24,10 +24,10 @@ RECIPES = {
     "dense": ["model.teacher=vit_micro_patch4_32", "model.teacher_weights={teacher}", "model.distillation=hard"],
     "tome": ["method=tome", "model.r=4"],
     "evit": ["method=evit", "model.keep_rate=0.5", "model.reduction_layers=[1]",
-             "model.keep_rate_schedule={start_epoch: 0, shrink_epochs: 1}"],
+             "model.reduction_schedule={start_epoch: 0, shrink_epochs: 1}"],
     "dynamicvit": ["method=dynamicvit", "model.keep_rate=0.6", "model.reduction_layers=[1]", "model.weights={weights}",
                    "model.backbone_freeze_epochs=1"],
-    "avit": ["method=avit", "model.gate_center=3.0", "model.keep_rate_schedule={start_epoch: 0, shrink_epochs: 1}"],
+    "avit": ["method=avit", "model.gate_center=3.0", "model.reduction_schedule={start_epoch: 0, shrink_epochs: 1}"],
 }
 
 

@@ -14,7 +14,7 @@ from datamodules import EmbeddedDataModule
 from lightning_modules import METHODS
 from lightning_modules.diffrate import RateProxy, available_rates, check_counts, official_macs, official_rates
 
-from helpers import micro_vit
+from helpers import assert_trace_invariants, micro_vit
 
 
 def test_official_rates_are_read_from_the_shipped_file() -> None:
@@ -170,3 +170,39 @@ def test_sizes_below_one_are_the_official_quirk_and_clamp_sizes_fixes_them() -> 
     torch.testing.assert_close(out[0, 1], (x[0, 1] + x[0, 3]) / 2)  # the unweighted mean, the destination included
     _, clamped, _ = prune_and_merge(x, size, order, prune=3, merge=2, num_prefix=1, clamp_sizes=True)
     assert clamped[0, :, 0].tolist() == [1.0, 2.0, 1.0]
+
+
+def test_a_search_pass_records_its_token_trace() -> None:
+    """`run(train=True, trace=True)` during the search: the trace follows each block's sort, merges and prunes. The
+    patch tokens taking part after block l are min(before, prune_l, merge_l) (the official FLOP formula's counts),
+    every owner sits among them (the sort puts them first), and tracing does not change the pass (`train` is the
+    search whatever the module's mode: eval here, so no drop path)."""
+    torch.manual_seed(0)
+    module = METHODS["diffrate"](backbone="deit_micro_distilled_patch4_32", num_classes=10,
+                                 backbone_kwargs={"depth": 4}, target_flops=0.004, granularity=8).eval()
+    with torch.no_grad():  # probabilities away from uniform, so the blocks differ
+        for proxy in [*module.student.rates.prune, *module.student.rates.merge]:
+            proxy.logits.normal_(std=2.0)
+    images = torch.randn(2, 3, 32, 32)
+    plain = module.student.run(images, train=True)
+    first = module.student.vit.blocks[0]
+    search, outputs = first.search, []
+    first.search = lambda *args: outputs.append(search(*args)) or outputs[-1]  # keep block 0's sorted output
+    try:
+        traced = module.student.run(images, train=True, trace=True)
+    finally:
+        del first.search
+    torch.testing.assert_close(traced.logits, plain.logits, rtol=0, atol=0)
+    assert plain.trace is None and traced.trace is not None and traced.loss_inputs is not None
+    trace = traced.trace
+    assert assert_trace_invariants(trace, prefix=2, depth=4, num_patches=64, static=False)
+    with torch.no_grad():  # block 0 never reduces but sorts: the token owning patch i is patch i's dense output
+        dense = first(module.student.embed(images))[:, 2:]
+    sorted_x, owner = outputs[0][0], trace.owner[1]
+    torch.testing.assert_close(sorted_x.gather(1, owner[..., None].expand_as(dense)), dense, rtol=0, atol=1e-4)
+    alive = 64
+    for layer, (prune, merge) in enumerate(traced.loss_inputs):
+        alive = min(alive, int(prune), int(merge))
+        assert (trace.mlp_tokens[:, layer] == 2 + alive).all()
+        owner = trace.owner[layer + 1]
+        assert ((owner >= 2) & (owner < 2 + alive)).sum(1).eq(64 - (owner < 0).sum(1)).all()

@@ -104,14 +104,14 @@ def test_loss_terms_by_hand() -> None:
     torch.manual_seed(3)
     terms = module.loss_terms(images, targets)
     torch.manual_seed(3)
-    out = module.student.forward_train(images)
+    out = module.student.run(images, train=True)
     t_logits = module.teacher(images)
     t_tokens = module.teacher.forward_features(images)[:, 1:]
     kl = sum((F.softmax(t_logits, -1) * (F.log_softmax(t_logits, -1) - F.log_softmax(out.logits, -1))).sum(-1)) / 4
     torch.testing.assert_close(terms["kl"], kl)
     torch.testing.assert_close(terms["cls"], F.cross_entropy(out.logits, targets, label_smoothing=0.1))
-    torch.testing.assert_close(terms["distill"], kept_token_mse(out.tokens, t_tokens, out.decisions[-1]))
-    torch.testing.assert_close(terms["ratio"], pruning_ratio_loss(out.decisions, keep_ratios(0.7, 3)))
+    torch.testing.assert_close(terms["distill"], kept_token_mse(out.loss_inputs.tokens, t_tokens, out.loss_inputs.decisions[-1]))
+    torch.testing.assert_close(terms["ratio"], pruning_ratio_loss(out.loss_inputs.decisions, keep_ratios(0.7, 3)))
     assert module.loss_weights() == {"cls": 1.0, "ratio": 2.0, "kl": 0.5, "distill": 0.5}
 
 
@@ -137,17 +137,19 @@ def test_a_dropped_token_does_not_leak_into_the_others() -> None:
     torch.manual_seed(5)
     perturbed_input = x0.clone()
 
-    def hook(module_: torch.nn.Module, args: tuple) -> tuple:
-        x, policy = args
+    block = student.vit.blocks[1]
+    reduce = block.reduce
+
+    def poked(x: torch.Tensor, *args: object) -> tuple:
         x = x.clone()
         x[b, 1 + patch] += 1000.0
-        return (x, policy)
+        return reduce(x, *args)
 
-    handle = student.vit.blocks[1].register_forward_pre_hook(hook)
+    block.reduce = poked  # the student calls the instance's reduce
     try:
         out2, decisions2 = student.masked_blocks(perturbed_input)
     finally:
-        handle.remove()
+        del block.reduce
     for d1, d2 in zip(decisions, decisions2):
         assert torch.equal(d1, d2)  # the same Gumbel draws and the same decisions
     others = [i for i in range(out.shape[1]) if i != 1 + patch]
@@ -273,7 +275,7 @@ def test_policy_eps_reaches_every_masked_attention(monkeypatch: pytest.MonkeyPat
     for eps in (1e-6, 1e-2):
         seen.clear()
         module = micro_module(policy_eps=eps) if eps != 1e-6 else micro_module()
-        module.student.forward_train(torch.randn(2, 3, 32, 32))
+        module.student.run(torch.randn(2, 3, 32, 32), train=True)
         assert seen == [eps] * module.student.depth
     with pytest.raises(ValueError, match="model.policy_eps"):
         micro_module(policy_eps=0.0)

@@ -1,5 +1,5 @@
 """EViT: the reorganisation op by hand, the class-attention row beside fused attention, keep_rate 1 ==
-timm, a slow re-derivation of the official block, DeiT-S counts, distilled training, the keep-rate schedule."""
+timm, a slow re-derivation of the official block, DeiT-S counts, distilled training, the reduction schedule."""
 from __future__ import annotations
 
 import math
@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from pytorch_lightning import Callback
 
 from lightning_modules import METHODS
 from lightning_modules.evit import EViTBlock, EViTStudent, keep_attentive, kept_tokens
 from lightning_modules.layers import ReductionAttention, class_attention
+from lightning_modules.schedule import ReductionSchedule
 
 from helpers import FAST, QUICKSTART, VARIANTS, assert_fused_matches_explicit, column, leanvit, metrics, micro_vit
 
@@ -169,10 +171,10 @@ def adjust_keep_rate(iters: int, epoch: int, warmup_epochs: int, total_epochs: i
     return base_keep_rate + (1 - base_keep_rate) * (math.cos(iters / total_iters * math.pi) + 1) * 0.5
 
 
-def test_keep_rate_schedule_follows_evit_across_a_resume(in_tmp: Path) -> None:
+def test_reduction_schedule_follows_evit_across_a_resume(in_tmp: Path) -> None:
     steps = 5
     common = [QUICKSTART, *FAST, "method=evit", "model.keep_rate=0.5", "model.reduction_layers=[0]",
-              "model.keep_rate_schedule={start_epoch: 1, shrink_epochs: 2}", f"trainer.limit_train_batches={steps}",
+              "model.reduction_schedule={start_epoch: 1, shrink_epochs: 2}", f"trainer.limit_train_batches={steps}",
               "trainer.log_every_n_steps=1", "model.lr_reference_batch=null"]
     assert leanvit("fit", *common, "trainer.max_epochs=4", "experiment=full") == 0
     logged = column(metrics(in_tmp / "runs" / "full" / "version_0"), "train/keep_rate")
@@ -188,6 +190,30 @@ def test_keep_rate_schedule_follows_evit_across_a_resume(in_tmp: Path) -> None:
     after_first_block = column(rows, "tokens/layer_1")
     kr_at_epoch_end = [expected[(e + 1) * steps - 1] for e in range(4)]
     assert after_first_block == [1 + math.ceil(kr * 64) + (kr < 1) if kr < 1 else 65 for kr in kr_at_epoch_end]
+
+
+class KeepRateSchedule(Callback):  # the callback's name then; Lightning's state key comes from the class name
+    pass
+
+
+def test_keep_rate_schedule_is_the_earlier_name_of_reduction_schedule() -> None:
+    """Checkpoints written before the rename hold `keep_rate_schedule` in their hyperparameters and the callback's
+    state under Lightning's key for a class named KeepRateSchedule: both still load; bad values name the key given."""
+    schedule = {"start_epoch": 1, "shrink_epochs": 2}
+    old = METHODS["evit"](backbone="vit_micro_patch4_32", reduction_layers=[1], num_classes=10, keep_rate_schedule=schedule)
+    new = METHODS["evit"](backbone="vit_micro_patch4_32", reduction_layers=[1], num_classes=10, reduction_schedule=schedule)
+    assert old.reduction_schedule == new.reduction_schedule == schedule
+    [callback] = old.configure_callbacks()
+    assert isinstance(callback, ReductionSchedule)
+    assert callback.state_key == KeepRateSchedule()._generate_state_key(**schedule)
+    with pytest.raises(ValueError, match="model.keep_rate_schedule: the old name"):
+        METHODS["evit"](backbone="vit_micro_patch4_32", reduction_layers=[1], keep_rate_schedule=schedule, reduction_schedule=schedule)
+    with pytest.raises(ValueError, match=r"model.keep_rate_schedule.start_epoch: expected epochs >= 0"):
+        METHODS["evit"](backbone="vit_micro_patch4_32", reduction_layers=[1], keep_rate_schedule={"start_epoch": -1})
+    with pytest.raises(ValueError, match=r"model.reduction_schedule: unknown key\(s\) \['shrink'\]"):
+        METHODS["evit"](backbone="vit_micro_patch4_32", reduction_layers=[1], reduction_schedule={"shrink": 1})
+    with pytest.raises(ValueError, match="model.reduction_schedule: DenseModule has no reduction to schedule"):
+        METHODS["dense"](backbone="vit_micro_patch4_32", reduction_schedule=schedule)
 
 
 def test_fit_with_evit_learns(in_tmp: Path) -> None:

@@ -248,7 +248,7 @@ def test_schedule_strength_scales_r() -> None:
 @pytest.mark.slow  # ~50 s; ToMe training is also covered by test_contract's fit, the DDP matrix and test_shared_args
 def test_fit_with_tome_learns(in_tmp: Path) -> None:
     assert leanvit("fit", QUICKSTART, *FAST, "method=tome", "model.r=8", "trainer.max_epochs=6",
-                   "model.keep_rate_schedule={start_epoch: 0, shrink_epochs: 2}", "trainer.log_every_n_steps=5") == 0
+                   "model.reduction_schedule={start_epoch: 0, shrink_epochs: 2}", "trainer.log_every_n_steps=5") == 0
     from test_training import column, metrics
 
     rows = metrics(in_tmp / "runs" / "digits" / "dense" / "version_0")
