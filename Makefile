@@ -26,9 +26,11 @@ quickstart: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest -q -m "not slow" --durations=15
 
-# ruff (pyproject.toml): pyflakes, pycodestyle errors and warnings, import order
+# ruff (pyproject.toml): pyflakes, pycodestyle errors and warnings, import order; mypy on lightning_modules/,
+# callbacks/ and datamodules/ (pyproject.toml)
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow --durations=15

@@ -19,6 +19,11 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 
+from lightning_modules import method_name
+from lightning_modules.base import ReductionModule
+from lightning_modules.macs import count_macs
+from lightning_modules.vit import ViTStudent, create_vit
+
 ROW_KEYS = ("method", "backbone", "batch_size", "precision", "images_per_sec", "dense_images_per_sec", "speedup",
             "gmacs", "dense_gmacs", "mac_ratio", "efficiency", "peak_memory_mb", "device")
 
@@ -53,7 +58,7 @@ def set_fused_attention(model: nn.Module, fused: bool) -> None:
     """timm's per-module switch between fused SDPA and the explicit attention path."""
     for module in model.modules():
         if hasattr(module, "fused_attn"):
-            module.fused_attn = fused
+            setattr(module, "fused_attn", fused)  # timm's switch (a Final in its type, set per module)
 
 
 def time_model(model: nn.Module, images: Tensor, precision: str = "32", warmup: int = 3,
@@ -108,14 +113,11 @@ class DenseBaseline:
     fused: bool  # whether fused SDPA was the faster attention path
 
 
-def dense_baseline(module: nn.Module, images: Tensor, precision: str = "32", warmup: int = 3,
+def dense_baseline(module: ReductionModule, images: Tensor, precision: str = "32", warmup: int = 3,
                    repeats: int = 10) -> DenseBaseline:
     """Time the dense ViT of a module's backbone (random weights: its speed does not depend on them) at its
     fastest attention path, and count its MACs."""
-    from lightning_modules.macs import count_macs
-    from lightning_modules.vit import ViTStudent, create_vit
-
-    hp = module.hparams
+    hp = module.hp
     vit = create_vit(hp.backbone, num_classes=hp.num_classes, img_size=hp.img_size, **(hp.backbone_kwargs or {}))
     dense = ViTStudent(vit).eval().to(images.device)
     with torch.inference_mode():
@@ -124,14 +126,11 @@ def dense_baseline(module: nn.Module, images: Tensor, precision: str = "32", war
     return DenseBaseline(timing, float(count_macs(dense, trace).mean()) / 1e9, fused)
 
 
-def measure(module: nn.Module, images: Tensor, dense: DenseBaseline, *, precision: str = "32", warmup: int = 3,
+def measure(module: ReductionModule, images: Tensor, dense: DenseBaseline, *, precision: str = "32", warmup: int = 3,
             repeats: int = 10, gmacs: Optional[float] = None, model: Optional[nn.Module] = None) -> dict[str, Any]:
     """One benchmark row (ROW_KEYS) for a module's student on `images` against a dense baseline. `gmacs`
     overrides the MACs of the timed batch (e.g. a validation average); `model` is what gets timed
     (default the student; e.g. its torch.compile'd version)."""
-    from lightning_modules import method_name
-    from lightning_modules.macs import count_macs
-
     student = module.student
     was_training = student.training
     with torch.inference_mode():
@@ -141,7 +140,7 @@ def measure(module: nn.Module, images: Tensor, dense: DenseBaseline, *, precisio
     timing = time_model(model if model is not None else student, images, precision, warmup, repeats)
     speedup = timing.images_per_sec / dense.timing.images_per_sec
     mac_ratio = dense.gmacs / gmacs
-    return dict(method=method_name(module), backbone=module.hparams.backbone,
+    return dict(method=method_name(module), backbone=module.hp.backbone,
                 batch_size=images.shape[0], precision=str(precision), images_per_sec=timing.images_per_sec,
                 dense_images_per_sec=dense.timing.images_per_sec, speedup=speedup, gmacs=gmacs,
                 dense_gmacs=dense.gmacs, mac_ratio=mac_ratio, efficiency=speedup / mac_ratio,
@@ -211,11 +210,13 @@ class ThroughputCallback(Callback):
             self.run(trainer, pl_module)
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert isinstance(pl_module, ReductionModule), "the throughput callback measures leanvit's method modules"
         if self._measured_step == trainer.global_step and trainer.state.fn == "fit":
             return
         self._measured_step = trainer.global_step
         if trainer.is_global_zero:
             self.last_row = self.measure(trainer, pl_module)
+            assert self.dense is not None  # measured with the first row
             metrics = {
                 "throughput/images_per_sec": self.last_row["images_per_sec"],
                 "throughput/dense_images_per_sec": self.last_row["dense_images_per_sec"],
@@ -235,10 +236,11 @@ class ThroughputCallback(Callback):
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         trainer.strategy.barrier("throughput")
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    def measure(self, trainer: pl.Trainer, pl_module: ReductionModule) -> dict[str, Any]:
         device = pl_module.device
         if self.images is None:
-            size = pl_module.student.vit.patch_embed.img_size
+            vit: Any = pl_module.student.vit
+            size = vit.patch_embed.img_size  # (H, W) the backbone was built for
             generator = torch.Generator().manual_seed(0)
             self.images = torch.randn(self.batch_size, 3, *size, generator=generator)
         images = self.images.to(device)

@@ -21,12 +21,15 @@ from torch import Tensor
 
 from callbacks.throughput import due_after_validation
 from lightning_modules import method_name
+from lightning_modules.base import ReductionModule
 from lightning_modules.trace import TokenTrace
 
-GREY = np.array([0.55, 0.55, 0.55])
+GREY_RGB = (0.55, 0.55, 0.55)  # pruned or halted patches
+GREY = np.array(GREY_RGB)
 # Group colours: saturated, far from grey and from each other (matplotlib's tab10 without its grey and olive),
 # drawn over the image at GROUP_ALPHA so a merged or fused group stands out on grey digits and photos alike.
-GROUP_COLOURS = np.array([(0.12, 0.47, 0.71), (1.0, 0.50, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16),
+FIRST_GROUP = (0.12, 0.47, 0.71)  # (the legend's swatch)
+GROUP_COLOURS = np.array([FIRST_GROUP, (1.0, 0.50, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16),
                           (0.58, 0.40, 0.74), (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.09, 0.75, 0.81)])
 GROUP_ALPHA = 0.7
 
@@ -125,8 +128,8 @@ def token_map_figure(rgb: np.ndarray, trace: TokenTrace, index: int, layers: Opt
     curve.tick_params(labelsize=8)
     curve.set_title("tokens per block", fontsize=10)
     legend = [Patch(facecolor="white", edgecolor="black", label="kept: a token of its own (the image)"),
-              Patch(facecolor=GROUP_COLOURS[0], edgecolor="white", label="merged / fused: one colour per shared token"),
-              Patch(facecolor=GREY, edgecolor="black", label="pruned / halted: no longer takes part")]
+              Patch(facecolor=FIRST_GROUP, edgecolor="white", label="merged / fused: one colour per shared token"),
+              Patch(facecolor=GREY_RGB, edgecolor="black", label="pruned / halted: no longer takes part")]
     fig.legend(handles=legend, loc="lower center", ncol=3, fontsize=9, frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
@@ -184,7 +187,8 @@ class TokenMapCallback(Callback):
             return
         if trainer.state.fn == "fit" and not due_after_validation(trainer, self.every_n_epochs):
             return
-        datamodule = trainer.datamodule
+        assert isinstance(pl_module, ReductionModule), "token maps draw leanvit's method modules"
+        datamodule = getattr(trainer, "datamodule", None)
         mean = getattr(datamodule, "mean", (0.5, 0.5, 0.5))
         std = getattr(datamodule, "std", (0.5, 0.5, 0.5))
         out_dir = Path(trainer.default_root_dir) / "token_maps"

@@ -77,7 +77,7 @@ def canvas_digits(name: EmbeddedName) -> tuple[np.ndarray, np.ndarray]:
     if name == "digits_canvas":
         return load_digits_px(CANVAS_DIGIT)
     images, labels = load_embedded("mnist")
-    small = np.stack([np.asarray(Image.fromarray(im).resize((CANVAS_DIGIT,) * 2, Image.BILINEAR)) for im in images])
+    small = np.stack([np.asarray(Image.fromarray(im).resize((CANVAS_DIGIT,) * 2, Image.Resampling.BILINEAR)) for im in images])
     return small, labels
 
 

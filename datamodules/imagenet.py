@@ -210,13 +210,13 @@ class ImageDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.persistent_workers = persistent_workers
         self.repeated_aug = repeated_aug
-        self.train_kwargs = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode,
+        self.train_kwargs: dict[str, Any] = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode,
                                  color_jitter=color_jitter, hflip=hflip, scale=tuple(scale))
         self.interpolation = interpolation
         self.crop_pct = crop_pct
         self.mean, self.std = tuple(mean), tuple(std)
         self.seed = seed
-        self.datasets: dict[str, Dataset] = {}
+        self.datasets: dict[str, Any] = {}  # split -> a map-style Dataset (folders), or a ShardList (shards)
         self.classes: list[str] = []
 
     def train_transform(self) -> Callable[..., Any]:
@@ -256,13 +256,14 @@ class ImageDataModule(pl.LightningDataModule):
     def training_samples(self, world_size: int) -> tuple[int, int]:
         """(training images, samples each process trains on per epoch)."""
         self.setup("fit")
-        images = len(self.datasets["train"])  # type: ignore[arg-type]
+        images = len(self.datasets["train"])
         return images, epoch_length(images, world_size, max(self.repeated_aug, 1))
 
     def fit_epoch(self) -> int:
         """The epoch the fit loop runs next (after a resume, not 0)."""
         trainer = self.trainer
-        return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+        # the fit loop's epoch counter (a progress tracker whose typed base lacks `processed`)
+        return getattr(trainer.fit_loop.epoch_progress.current, "processed") if trainer is not None else 0
 
     def _loader_kwargs(self) -> dict[str, Any]:
         return dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
@@ -288,7 +289,7 @@ class ImageDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return 0, 0, 0
-        return (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+        return (trainer.current_epoch, getattr(trainer.fit_loop.epoch_loop.batch_progress.current, "processed"),
                 int(trainer.num_training_batches))
 
     def val_dataloader(self) -> DataLoader:

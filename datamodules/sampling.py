@@ -85,7 +85,7 @@ class EpochSampler(DistributedSampler):
         with the next batch, none replayed, none skipped."""
         self.start = samples
 
-    def __iter__(self) -> Iterator[SampleKey]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[SampleKey]:
         epoch, start = self.epoch, self.start
         self.start = 0
         return ((epoch, index, copy) for index, copy in self.order()[start:])

@@ -80,7 +80,7 @@ def shard_image_folder(source: str | Path, out: str | Path, samples_per_shard: i
         elif folder.classes != classes:
             raise ValueError(f"{source / split} has other class folders than {source / names[0]}")
         items = [(f"{Path(p).parent.name}_{Path(p).stem}", Path(p).suffix.lower().lstrip(".") or "jpg",
-                  (lambda p=p: Path(p).read_bytes()), target) for p, target in folder.samples]
+                  Path(p).read_bytes, target) for p, target in folder.samples]
         if split == "train":
             random.Random(seed).shuffle(items)
         info[split] = write_split(out, split, items, samples_per_shard)

@@ -398,7 +398,7 @@ class WdsDataModule(ImageDataModule):
         self.shards.setdefault("test", self.shards["val"])
         classes = info.get("classes")
         self.classes = list(classes) if classes else [str(i) for i in range(int(info.get("num_classes", 1000)))]
-        self.datasets = self.shards  # type: ignore[assignment]  (what the base class's loaders are given)
+        self.datasets = self.shards  # what the base class's loaders are given
 
     def _stream(self, shards: ShardList, train: bool, batch_size: int) -> ShardStream:
         trainer = self.trainer

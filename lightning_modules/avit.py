@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lightning_modules.base import ReductionModule
-from lightning_modules.layers import ReductionAttention, ReductionBlock
+from lightning_modules.base import PerStage, ReductionModule
+from lightning_modules.layers import ReductionAttentionOps, ReductionBlock
 from lightning_modules.ops import identity_rope
 from lightning_modules.trace import TokenTrace, TraceRecorder
 from lightning_modules.vit import StudentOutput, ViTStudent
@@ -109,7 +109,7 @@ class PackedLayout:
                    length)
 
 
-def attend_packed(attn: ReductionAttention, x: Tensor, layout: PackedLayout, rope: Optional[Tensor] = None) -> Tensor:
+def attend_packed(attn: ReductionAttentionOps, x: Tensor, layout: PackedLayout, rope: Optional[Tensor] = None) -> Tensor:
     """timm's attention on packed tokens. x: (T, C) active tokens of all running images -> (T, C); each image's
     tokens attend only to each other (the linear layers see no padding; the attention pads per image).
     rope: None or `(T, 1 or H, D)` every packed token's RoPE table (prefix tokens: the identity)."""
@@ -128,8 +128,8 @@ def attend_packed(attn: ReductionAttention, x: Tensor, layout: PackedLayout, rop
         mask = (torch.arange(length, device=x.device) < layout.lengths[:, None])[:, None, None, :]  # (B', 1, 1, L)
     qkv = pad(qkv).reshape(rows, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     rope = None if rope is None else pad(rope).transpose(1, 2)  # (B', 1 or H, L, D)
-    out = attn.attend(qkv, mask, rope=rope)[0].transpose(1, 2).reshape(rows, length, attn.attn_dim)  # (B', L, C)
-    out = out.reshape(-1, attn.attn_dim) if layout.uniform else out[layout.row, layout.rank]
+    out = attn.attend(qkv, mask, rope=rope)[0].transpose(1, 2).reshape(rows, length, attn.heads_width)  # (B', L, C)
+    out = out.reshape(-1, attn.heads_width) if layout.uniform else out[layout.row, layout.rank]
     return attn.project(x, out)
 
 
@@ -190,7 +190,7 @@ class AViTStudent(ViTStudent):
         output = torch.zeros_like(x)
         scores: list[Tensor] = []
         out = x
-        for layer, block in enumerate(self.vit.blocks):
+        for layer, block in enumerate(self.blocks_of(AViTBlock)):
             # the official code zeroes `out.data`: halted values are masked, their gradients are not
             out = out + (out * active[..., None] - out).detach()
             if recorder is not None:
@@ -227,7 +227,7 @@ class AViTStudent(ViTStudent):
         c, R = tokens.new_zeros(B * N), tokens.new_ones(B * N)
         output = torch.zeros_like(x)
         depth = len(self.vit.blocks)
-        for layer, block in enumerate(self.vit.blocks):
+        for layer, block in enumerate(self.blocks_of(AViTBlock)):
             layout = PackedLayout.build(image, position, B)
             if recorder is not None:
                 self._record(recorder, layout, B, N)
@@ -307,6 +307,8 @@ class AViTModule(ReductionModule):
     over every image's patch tokens. The reduction schedule, when configured, ramps the ponder weight from 0
     (the official code's unused halting warm-up)."""
 
+    student: AViTStudent
+
     static_shapes = False  # each image runs its own token counts
     setting_keys = ("gate_scale", "gate_center")
     off_settings = {"gate_center": 1e4}  # sigmoid(x * scale - 1e4) = 0: no token halts before the last block
@@ -337,9 +339,10 @@ class AViTModule(ReductionModule):
         self.prior_weight = prior_weight
         self.prior_mean_over = prior_mean_over
         self.build_student(AViTStudent, block_fn=AViTBlock, gate_scale=gate_scale, gate_center=gate_center, eps=eps)
+        self.prior_target: Tensor
         self.register_buffer("prior_target", gaussian_depth_prior(self.student.depth, prior_target_depth),
                              persistent=False)
-        self.depth_stats = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+        self.depth_stats = PerStage(MeanMetric)
 
     def reduction_terms(self, halting: StudentOutput[HaltingOutput], images: Tensor) -> dict[str, Tensor]:
         """`ponder` and `prior`, added to `cls` (+ `distill` with a DeiT teacher: the official A-ViT wraps its criterion

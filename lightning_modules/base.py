@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Generic, Literal, Optional, Sequence, TypeVar, cast
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities.parsing import AttributeDict
+from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
+from timm.models.deit import VisionTransformerDistilled
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -84,7 +87,7 @@ def check_shared_args(hp: Any) -> None:
     need(hp.ema_decay is None or 0 < hp.ema_decay < 1, "ema_decay", "a decay in (0, 1), e.g. 0.99996 (or null: no EMA)")
 
 
-def check_reduction_schedule(method: type, schedule: Optional[dict[str, float]],
+def check_reduction_schedule(method: type[ReductionModule], schedule: Optional[dict[str, float]],
                              key: str = "reduction_schedule") -> Optional[dict[str, float]]:
     """`reduction_schedule: {start_epoch, shrink_epochs}` (epochs >= 0), for a method with a reduction to schedule."""
     if not schedule:
@@ -113,10 +116,25 @@ def check_reduction_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]
     return tuple(int(layer) for layer in layers)
 
 
+M = TypeVar("M", bound=nn.Module)
+
+
+class PerStage(nn.ModuleDict, Generic[M]):
+    """One module per evaluation stage (`val`, `test`), typed: `metrics[stage]` is an `M`."""
+
+    def __init__(self, make: Callable[[], M], stages: Sequence[str] = ("val", "test")) -> None:
+        super().__init__({stage: make() for stage in stages})
+
+    def __getitem__(self, stage: str) -> M:
+        return cast(M, super().__getitem__(stage))
+
+
 class MeanVector(Metric):
     """Mean of a per-sample vector over every sample seen (all ranks): `(B, K)` updates -> `(K,)`."""
 
     full_state_update = False
+    total: Tensor  # (K,) metric states (`add_state`)
+    count: Tensor
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -136,6 +154,8 @@ class RegionKeep(Metric):
     and outside it, over every image seen (all ranks): `compute()` -> `(2,)` [inside, outside]."""
 
     full_state_update = False
+    kept: Tensor  # (2,) metric states (`add_state`)
+    total: Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -200,7 +220,7 @@ class ReductionModule(pl.LightningModule):
         super().__init__()
         # Plain containers only: the hyperparameters go into every checkpoint (read with weights_only=True).
         self.save_hyperparameters(logger=False)
-        check_shared_args(self.hparams)
+        check_shared_args(self.hp)
         if distillation != "none" and teacher is None:
             raise ValueError("model.distillation: a teacher is needed (set model.teacher)")
         if distillation not in ("none", "soft", "hard"):
@@ -230,15 +250,24 @@ class ReductionModule(pl.LightningModule):
         )
         self.soft_target_loss = SoftTargetCrossEntropy()
         top5 = min(5, num_classes)
-        self.acc1 = nn.ModuleDict({s: MulticlassAccuracy(num_classes, top_k=1, average="micro") for s in ("val", "test")})
-        self.acc5 = nn.ModuleDict({s: MulticlassAccuracy(num_classes, top_k=top5, average="micro") for s in ("val", "test")})
+        self.acc1 = PerStage(lambda: MulticlassAccuracy(num_classes, top_k=1, average="micro"))
+        self.acc5 = PerStage(lambda: MulticlassAccuracy(num_classes, top_k=top5, average="micro"))
         self.student: ViTStudent
         self.student_ema: Optional[ModelEmaV3] = None
-        self.token_stats: Optional[nn.ModuleDict] = None
-        self.gmacs = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
-        self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
-        self.foreground_keep = nn.ModuleDict({s: RegionKeep() for s in ("val", "test")})
-        self.ema_acc1: Optional[nn.ModuleDict] = None
+        self.token_stats: PerStage[MeanVector]  # tokens per layer: built with the student (its depth)
+        self.gmacs = PerStage(MeanMetric)
+        self.eval_loss = PerStage(MeanMetric)
+        self.foreground_keep = PerStage(RegionKeep)
+        self.ema_acc1: Optional[PerStage[MulticlassAccuracy]] = None
+
+    @property
+    def hp(self) -> AttributeDict:
+        """The saved constructor arguments (the `model:` section), read by attribute."""
+        return cast(AttributeDict, self.hparams)
+
+    def datamodule(self) -> Optional[pl.LightningDataModule]:
+        """The trainer's DataModule (None outside a trainer, or when it was given loaders)."""
+        return getattr(self._trainer, "datamodule", None)
 
     # ------------------------------------------------------------------------------------------ building
     def build_student(self, student_cls: type[ViTStudent] = ViTStudent,
@@ -246,7 +275,7 @@ class ReductionModule(pl.LightningModule):
                       **student_kwargs: Any) -> None:
         """Create the timm ViT with the method's blocks (and `vit_kwargs`, e.g. `attn_layer`), wrap it in
         `student_cls(vit, **student_kwargs)`, load `weights`, and set up EMA."""
-        hp = self.hparams
+        hp = self.hp
         if block_fn is not None:  # a method's blocks: attention with what reduction needs beside fused SDPA
             vit_kwargs = {"attn_layer": ReductionAttention} | (vit_kwargs or {})
         vit = create_vit(
@@ -256,7 +285,7 @@ class ReductionModule(pl.LightningModule):
         )
         if hp.grad_checkpointing:
             vit.set_grad_checkpointing(True)
-        if self.distillation != "none" and hasattr(vit, "set_distilled_training"):
+        if self.distillation != "none" and isinstance(vit, VisionTransformerDistilled):
             vit.set_distilled_training(True)  # distilled DeiT: the dist token's head learns from the teacher
         student = student_cls(vit, **student_kwargs)
         if hp.weights is not None:
@@ -268,14 +297,13 @@ class ReductionModule(pl.LightningModule):
                 head.requires_grad_(True)
         self.student = student
         depth = student.depth
-        self.token_stats = nn.ModuleDict({s: MeanVector(depth + 1) for s in ("val", "test")})
+        self.token_stats = PerStage(lambda: MeanVector(depth + 1))
         if hp.ema_decay is not None:
             self.student_ema = ModelEmaV3(student, decay=hp.ema_decay)
             # updated by hand after each optimiser step, never by gradients: under DDP a parameter that
             # requires grad but gets none stops the run ("parameters that were not used in producing the loss")
             self.student_ema.requires_grad_(False)
-            self.ema_acc1 = nn.ModuleDict({s: MulticlassAccuracy(hp.num_classes, top_k=1, average="micro")
-                                           for s in ("val", "test")})
+            self.ema_acc1 = PerStage(lambda: MulticlassAccuracy(hp.num_classes, top_k=1, average="micro"))
 
     def needs_teacher(self) -> bool:
         return self.distillation != "none"
@@ -284,7 +312,7 @@ class ReductionModule(pl.LightningModule):
         """The teacher's timm name and creation kwargs: the backbone itself (with its `backbone_kwargs`) when
         `teacher` is unset (DynamicViT), else the named model as timm builds it."""
         if self.teacher_name is None:
-            return self.hparams.backbone, dict(self.hparams.backbone_kwargs or {})
+            return self.hp.backbone, dict(self.hp.backbone_kwargs or {})
         return self.teacher_name, {}
 
     def setup(self, stage: str) -> None:
@@ -317,7 +345,7 @@ class ReductionModule(pl.LightningModule):
         """Soft targets (mixup/cutmix, smoothing) -> soft cross-entropy; class indices -> (smoothed) CE."""
         if targets.ndim == 2:
             return self.soft_target_loss(logits, targets)
-        return F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        return F.cross_entropy(logits, targets, label_smoothing=self.hp.label_smoothing)
 
     @torch.no_grad()
     def teacher_logits(self, images: Tensor) -> Tensor:
@@ -361,7 +389,7 @@ class ReductionModule(pl.LightningModule):
         terms = self.loss_terms(images, targets)
         self.check_finite(terms)
         weights = self.loss_weights()
-        loss = sum(weights[name] * value for name, value in terms.items())
+        loss = cast(Tensor, sum(weights[name] * value for name, value in terms.items()))
         self.log("train/loss", loss, prog_bar=True)
         for name, value in terms.items():
             self.log(f"train/loss_{name}", value)
@@ -392,7 +420,7 @@ class ReductionModule(pl.LightningModule):
             self.student_ema.update(self.student)
 
     def on_train_epoch_end(self) -> None:
-        skipped = getattr(self.trainer.datamodule, "skipped_images", None)
+        skipped = getattr(self.datamodule(), "skipped_images", None)
         if skipped is not None:  # unreadable images skipped by the loader (data.skip_unreadable)
             self.log("data/skipped_images", float(skipped), sync_dist=True, reduce_fx="sum")
 
@@ -427,8 +455,7 @@ class ReductionModule(pl.LightningModule):
     def foreground_mask(self, images: Tensor) -> Optional[Tensor]:
         """`(B, H, W)` bool, the pixels the data set knows to be foreground (the canvas digits: the digit's ink),
         or None: the DataModule's `foreground(images)` when it has one."""
-        datamodule = getattr(self._trainer, "datamodule", None)
-        foreground = getattr(datamodule, "foreground", None)
+        foreground = getattr(self.datamodule(), "foreground", None)
         return None if foreground is None else foreground(images)
 
     def eval_trace_hook(self, stage: str, trace: TokenTrace) -> None:
@@ -484,7 +511,7 @@ class ReductionModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------ optimiser
     def global_batch_size(self) -> int:
         trainer = self.trainer
-        per_device = getattr(trainer.datamodule, "batch_size", None)
+        per_device = getattr(self.datamodule(), "batch_size", None)
         if per_device is None:
             raise ValueError("model.lr_reference_batch: the global batch is read from a DataModule's batch_size; "
                              "without one set lr_reference_batch to null and give the final lr")
@@ -492,7 +519,7 @@ class ReductionModule(pl.LightningModule):
 
     def learning_rate(self) -> float:
         """The configured lr, linearly scaled by the global batch when `lr_reference_batch` is set (DeiT rule)."""
-        hp = self.hparams
+        hp = self.hp
         if hp.lr_reference_batch is None:
             return hp.lr
         return hp.lr * self.global_batch_size() / hp.lr_reference_batch
@@ -500,10 +527,10 @@ class ReductionModule(pl.LightningModule):
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: no weight decay on norms, biases, pos_embed and prefix tokens (timm's rule)."""
         return param_groups_weight_decay(
-            self.student, self.hparams.weight_decay, no_weight_decay_list=self.student.no_weight_decay())
+            self.student, self.hp.weight_decay, no_weight_decay_list=self.student.no_weight_decay())
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        hp = self.hp
         lr = self.learning_rate()
         optimizer = torch.optim.AdamW(self.param_groups(), lr=lr, betas=tuple(hp.betas), eps=hp.opt_eps)
         epochs = self.trainer.max_epochs

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,7 @@ class RateProxy(nn.Module):
 
     def __init__(self, num_patches: int, granularity: int) -> None:
         super().__init__()
+        self.candidates: Tensor
         self.register_buffer("candidates", torch.arange(num_patches, 0, -granularity).float(), persistent=False)
         self.logits = nn.Parameter(torch.zeros(self.candidates.shape[0]))
 
@@ -124,6 +125,7 @@ class DiffRateRates(nn.Module):
         sizes = [num_patches + 1] + [granularity] * (depth - 1)
         self.prune = nn.ModuleList(RateProxy(num_patches, g) for g in sizes)
         self.merge = nn.ModuleList(RateProxy(num_patches, g) for g in sizes)
+        self.kept: Tensor
         self.register_buffer("kept", torch.full((2, depth), num_patches, dtype=torch.long))
         # `kept` as Python ints: what inference reads, so torch.compile sees constants rather than a
         # data-dependent `.tolist()` (a graph break); refreshed by `set_kept` and after load_state_dict
@@ -142,7 +144,7 @@ class DiffRateRates(nn.Module):
 
     def expected_counts(self) -> list[list[int]]:
         with torch.no_grad():
-            return [[int(p.expected()) for p in proxies] for proxies in (self.prune, self.merge)]
+            return [[int(cast(RateProxy, p).expected()) for p in proxies] for proxies in (self.prune, self.merge)]
 
 
 def prune_and_merge(x: Tensor, size: Tensor, order: Tensor, prune: int, merge: int, num_prefix: int,
@@ -214,6 +216,7 @@ class DiffRateBlock(ReductionBlock[Optional[Tensor], Optional[tuple[int, int]]])
         x = x + self.drop_path1(self.ls1(attn.x))
         if merge == n:  # nothing leaves this block
             return self.mlp_residual(x), size, None
+        assert attn.cls_attn is not None  # asked for above
         order = torch.sort(attn.cls_attn[:, p:], dim=1, descending=True).indices  # (B, n)
         if size is None:
             size = x.new_ones(x.shape[0], x.shape[1], 1)
@@ -230,6 +233,7 @@ class DiffRateBlock(ReductionBlock[Optional[Tensor], Optional[tuple[int, int]]])
         p, c = self.num_prefix, x.shape[2]
         attn = self.attn.forward_reduce(self.norm1(x), size_bias(size, x.dtype), cls_attn=True, softmax=partial(policy_softmax, policy=mask))
         x = x + self.drop_path1(self.ls1(attn.x))
+        assert attn.cls_attn is not None  # asked for above
         order = torch.sort(attn.cls_attn[:, p:], dim=1, descending=True).indices + p
         order = torch.cat([torch.arange(p, device=x.device).expand(x.shape[0], -1), order], dim=1)  # (B, N)
         x = x.gather(1, order[..., None].expand(-1, -1, c))
@@ -297,10 +301,10 @@ class DiffRateStudent(ViTStudent):
         """In each block that reduced: the class token's attention row beside fused SDPA (N x attn_dim) and the
         similarities of the sources to the destinations ((prune - merge) x merge x C)."""
         tokens, mlp_tokens = trace.tokens[:, :-1].double(), trace.mlp_tokens.double()
-        p, attn_dim = self.num_prefix_tokens, self.vit.blocks[0].attn.attn_dim
+        p, attn_dim = self.num_prefix_tokens, self.attention().heads_width
         prune = torch.minimum(self.rates.kept[0].to(tokens) + p, tokens)  # (B, depth) tokens after pruning
         reduced = mlp_tokens < tokens
-        fused = float(self.vit.blocks[0].attn.fused_attn)
+        fused = float(self.attention().fused)
         similarity = (prune - mlp_tokens) * (mlp_tokens - p) * self.embed_dim
         return ((tokens * attn_dim * fused + similarity) * reduced).sum(1)
 
@@ -311,7 +315,7 @@ class DiffRateStudent(ViTStudent):
             return super().forward_blocks(x, recorder, rope, train)
         size, mask = x.new_ones(*x.shape[:2], 1), x.new_ones(*x.shape[:2])
         counts = []
-        for layer, block in enumerate(self.vit.blocks):
+        for layer, block in enumerate(self.blocks_of(DiffRateBlock)):
             if recorder is not None:
                 recorder.block(mask.sum(1))
             x, size, mask, prune, merge, dest = self.run_block(block.search, x, size, mask, self.rates.prune[layer],
@@ -349,6 +353,8 @@ class DiffRateModule(ReductionModule):
     inference too, as the official training path does (off: the official inference, where a source with a negative
     similarity lowers the size, down to 0 or below, which makes proportional attention NaN)."""
 
+    student: DiffRateStudent
+
     needs_class_token = True
     setting_keys = ("prune_kept_num", "merge_kept_num", "target_flops")
     off_settings = {"prune_kept_num": None, "merge_kept_num": None, "target_flops": None}
@@ -378,14 +384,14 @@ class DiffRateModule(ReductionModule):
         self.flops_warmup_epochs = flops_warmup_epochs
         self.build_student(DiffRateStudent, block_fn=DiffRateBlock, granularity=granularity,
                            clamp_sizes=clamp_sizes)
-        rates, depth, backbone = self.student.rates, self.student.depth, self.hparams.backbone
+        rates, depth, backbone = self.student.rates, self.student.depth, self.hp.backbone
         if target_flops is not None and getattr(self.student.vit, "rope", None) is not None:
             raise ValueError("model.target_flops: DiffRate's rate search re-sorts and masks tokens, which leanvit does "
                              "not follow with RoPE; on this RoPE backbone give prune_kept_num and merge_kept_num")
         counts = None
-        if prune_kept_num is not None:
+        if prune_kept_num is not None and merge_kept_num is not None:  # (both or neither: checked above)
             counts = (check_counts("prune_kept_num", prune_kept_num, depth),
-                      check_counts("merge_kept_num", merge_kept_num, depth))  # type: ignore[arg-type]
+                      check_counts("merge_kept_num", merge_kept_num, depth))
         elif target_flops is not None:
             counts = official_rates(backbone, target_flops)
             if counts is None:
@@ -409,10 +415,10 @@ class DiffRateModule(ReductionModule):
         return self.target_flops is not None
 
     def official_gmacs(self, counts: list[tuple[Tensor, Tensor]]) -> Tensor:
-        vit = self.student.vit
-        block = vit.blocks[0]
+        vit: Any = self.student.vit
+        block = self.student.blocks_of(DiffRateBlock)[0]
         proj = vit.patch_embed.proj
-        return official_macs(vit.patch_embed.num_patches, counts, linear_macs(block.attn), block.attn.attn_dim,
+        return official_macs(vit.patch_embed.num_patches, counts, linear_macs(block.attn), block.attn.heads_width,
                              linear_macs(block.mlp), proj.weight[0].numel() * proj.out_channels, linear_macs(vit.head),
                              self.student.num_prefix_tokens) / 1e9
 
@@ -432,4 +438,4 @@ class DiffRateModule(ReductionModule):
     def param_groups(self) -> list[dict[str, Any]]:
         if not self.searching:
             return super().param_groups()
-        return [{"params": list(self.student.rates.parameters()), "weight_decay": self.hparams.weight_decay}]
+        return [{"params": list(self.student.rates.parameters()), "weight_decay": self.hp.weight_decay}]

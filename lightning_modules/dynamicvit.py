@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from timm.layers import trunc_normal_
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
@@ -149,7 +150,7 @@ class DynamicViTStudent(ViTStudent):
         decision = x.new_ones(batch, n - prefix, 1)
         policy = x.new_ones(batch, n)  # the official code uses the policy softmax from the first block
         decisions = []
-        for layer, block in enumerate(self.vit.blocks):
+        for layer, block in enumerate(self.blocks_of(DynamicViTBlock)):
             if layer in self.reduction_layers:
                 stage = self.reduction_layers.index(layer)
                 log_probs = self.score_predictor[stage](x[:, prefix:], decision)
@@ -190,6 +191,8 @@ class DynamicViTModule(ReductionModule):
     training forward's policy softmax (official 1e-6; larger keeps some attention on rows whose kept mass is tiny).
     """
 
+    student: DynamicViTStudent
+
     static_shapes = True
     setting_keys = ("keep_rate",)
     off_settings = {"keep_rate": 1.0}
@@ -199,7 +202,7 @@ class DynamicViTModule(ReductionModule):
         self,
         *,
         keep_rate: float = 0.7,
-        reduction_layers: list[int] = (3, 6, 9),  # type: ignore[assignment]
+        reduction_layers: Sequence[int] = (3, 6, 9),
         ratio_weight: float = 2.0,
         kl_weight: float = 0.5,
         distill_weight: float = 0.5,
@@ -238,9 +241,10 @@ class DynamicViTModule(ReductionModule):
     @torch.no_grad()
     def teacher_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """The dense teacher's logits and final-norm patch tokens."""
-        assert self.teacher is not None
-        features = self.teacher.forward_features(images)
-        return self.teacher.forward_head(features).float(), features[:, self.teacher.num_prefix_tokens:]
+        teacher: Any = self.teacher  # a timm ViT (the backbone's architecture unless `teacher` names another)
+        assert teacher is not None
+        features = teacher.forward_features(images)
+        return teacher.forward_head(features).float(), features[:, teacher.num_prefix_tokens:]
 
     # ------------------------------------------------------------------------------------------ loss
     def reduction_terms(self, out: StudentOutput[PruningOutput], images: Tensor) -> dict[str, Tensor]:
@@ -264,7 +268,7 @@ class DynamicViTModule(ReductionModule):
 
     # ------------------------------------------------------------------------------------------ optimiser
     def param_groups(self) -> list[dict[str, Any]]:
-        wd = self.hparams.weight_decay
+        wd = self.hp.weight_decay
         if self.optimizer_recipe == "neurips":
             predictors = [{"params": list(self.student.score_predictor.parameters()), "weight_decay": wd}]
         else:
@@ -272,7 +276,7 @@ class DynamicViTModule(ReductionModule):
         backbone = param_groups_weight_decay(self.student.vit, wd, no_weight_decay_list=self.student.vit.no_weight_decay())
         return predictors + [dict(group, backbone=True) for group in backbone]
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         config = super().configure_optimizers()
         self._backbone_lr(config["optimizer"], epoch=0.0)
         return config

@@ -11,7 +11,7 @@ distillation token (and registers) are protected, so distilled DeiT trains (the 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -64,6 +64,7 @@ class EViTBlock(ReductionBlock[None, Optional[float]]):
             return self.dense(x, rope), None, None
         attn = self.attn.forward_reduce(self.norm1(x), cls_attn=True, rope=rope)
         x = x + self.drop_path1(self.ls1(attn.x))
+        assert attn.cls_attn is not None  # asked for above
         x, dest = keep_attentive(x, attn.cls_attn, keep_rate, self.num_prefix, self.fuse_token)
         return self.mlp_residual(x), None, dest
 
@@ -82,14 +83,15 @@ class EViTStudent(ViTStudent):
         self.reduction_layers = check_reduction_layers(reduction_layers, len(vit.blocks))
         for block in vit.blocks:
             block.fuse_token = fuse_token
+        self.fuse_token = fuse_token
 
     def extra_macs(self, trace: TokenTrace) -> Tensor:
         """The class token's attention row (N x attn_dim) and the fused token's weighted sum ((N - p) x C)
         in each block that reorganised."""
         tokens, mlp_tokens = trace.tokens[:, :-1].double(), trace.mlp_tokens.double()
-        attn_dim = self.vit.blocks[0].attn.attn_dim
+        attn_dim = self.attention().heads_width
         reduced = mlp_tokens < tokens
-        fused = (tokens - self.num_prefix_tokens) * self.embed_dim * float(self.vit.blocks[0].fuse_token)
+        fused = (tokens - self.num_prefix_tokens) * self.embed_dim * float(self.fuse_token)
         return ((tokens * attn_dim + fused) * reduced).sum(1)
 
     def layer_settings(self) -> list[Optional[float]]:
@@ -102,6 +104,8 @@ class EViTModule(ReductionModule):
     rest when `fuse_token`. `reduction_schedule: {start_epoch, shrink_epochs}` is EViT's cosine keep-rate
     schedule (from scratch: 10 and 100; fine-tuning: none, the target from step 0)."""
 
+    student: EViTStudent
+
     static_shapes = True
     needs_class_token = True
     setting_keys = ("keep_rate",)
@@ -112,7 +116,7 @@ class EViTModule(ReductionModule):
         self,
         *,
         keep_rate: float = 0.7,
-        reduction_layers: list[int] = (3, 6, 9),  # type: ignore[assignment]
+        reduction_layers: Sequence[int] = (3, 6, 9),
         fuse_token: bool = True,
         **shared: Any,
     ) -> None:

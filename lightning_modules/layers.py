@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Generic, Optional, TypeVar
+from typing import Callable, Generic, Iterable, Optional, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -46,31 +46,40 @@ class AttentionOutput:
     cls_attn: Optional[Tensor] = None  # (B, N) the class token's attention row averaged over heads, when asked
 
 
-class ReductionAttentionOps:
+class ReductionAttentionOps(nn.Module):
     """What every reduction attention adds to its timm attention class (timm's `Attention`, Eva's `EvaAttention`,
     `AttentionRope`): `forward_reduce`, `attend`, `project`. Subclasses say how the packed qkv is computed."""
 
+    # what the timm classes define (declared for the type checker)
     num_heads: int
     head_dim: int
-    attn_dim: int
     scale: float
-    fused_attn: bool
     rotate_half: bool = False  # RoPE layout (Eva's `rotate_half`)
     q_norm: nn.Module
     k_norm: nn.Module
     attn_drop: nn.Dropout
     norm: nn.Module
-    gate: Optional[nn.Module]
-    proj: nn.Module
-    proj_drop: nn.Module
-    training: bool
+    gate: Optional[nn.Linear]
+    proj: nn.Linear
+    proj_drop: nn.Dropout
+
+    @property
+    def fused(self) -> bool:
+        """Whether this attention runs through fused SDPA (timm's `fused_attn`, set by its constructor)."""
+        return bool(getattr(self, "fused_attn"))
+
+    @property
+    def heads_width(self) -> int:
+        """num_heads x head_dim: the width of q, k, v and of the heads' output (timm's `attn_dim`; Eva has none)."""
+        return self.num_heads * self.head_dim
 
     def packed_qkv(self, x: Tensor) -> Tensor:
-        """x: (..., C) -> (..., 3 attn_dim): q, k, v as the timm class computes them (one fused projection, or
+        """x: (..., C) -> (..., 3 heads_width): q, k, v as the timm class computes them (one fused projection, or
         Eva's three)."""
-        if getattr(self, "qkv", None) is None:
-            return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # type: ignore[attr-defined]
-        return self.qkv(x)  # type: ignore[attr-defined]
+        qkv = getattr(self, "qkv", None)
+        if qkv is None:
+            return torch.cat([getattr(self, f"{name}_proj")(x) for name in "qkv"], dim=-1)
+        return qkv(x)
 
     def forward_reduce(self, x: Tensor, bias: Optional[Tensor] = None, *, keys: bool = False,
                        cls_attn: bool = False, softmax: Optional[Callable[[Tensor], Tensor]] = None,
@@ -80,7 +89,7 @@ class ReductionAttentionOps:
         B, N, _ = x.shape
         qkv = self.packed_qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out, k, row = self.attend(qkv, bias, cls_attn=cls_attn, softmax=softmax, rope=rope)
-        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
+        out = out.transpose(1, 2).reshape(B, N, self.heads_width)
         return AttentionOutput(self.project(x, out), k.mean(1) if keys else None, row)
 
     def attend(self, qkv: Tensor, mask: Optional[Tensor] = None, *, cls_attn: bool = False,
@@ -93,7 +102,7 @@ class ReductionAttentionOps:
         if rope is not None:
             q, k = self.rotate(q, rope).type_as(v), self.rotate(k, rope).type_as(v)
         row = None
-        if self.fused_attn and softmax is None:
+        if self.fused and softmax is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                  dropout_p=self.attn_drop.p if self.training else 0.0)
             if cls_attn:
@@ -109,7 +118,7 @@ class ReductionAttentionOps:
         return self.attn_drop(attn) @ v, k, row
 
     def project(self, inputs: Tensor, out: Tensor) -> Tensor:
-        """The attention output `(..., attn_dim)` -> the branch output: scale norm, gate (from the branch's
+        """The attention output `(..., heads_width)` -> the branch output: scale norm, gate (from the branch's
         inputs), proj, dropout, as timm's forward ends."""
         out = self.norm(out)
         if self.gate is not None:
@@ -129,12 +138,8 @@ class ReductionAttention(ReductionAttentionOps, Attention):
 class EvaReductionAttention(ReductionAttentionOps, EvaAttention):
     """timm's EvaAttention (EVA-02: separate q/k/v projections, k without bias) with the reduction methods."""
 
-    @property
-    def attn_dim(self) -> int:  # type: ignore[override]
-        return self.num_heads * self.head_dim
-
     def packed_qkv(self, x: Tensor) -> Tensor:
-        if self.qkv is None or self.q_bias is None:
+        if self.qkv is None or self.q_bias is None or self.k_bias is None or self.v_bias is None:
             return super().packed_qkv(x)
         bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
         if self.qkv_bias_separate:
@@ -153,6 +158,8 @@ def _bool_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
 class SplitBlock(Block):
     """timm's Block split into the pieces a reduction calls: the whole dense block (`dense`, taking RoPE) and the MLP
     residual (`mlp_residual`), for a method that changes what happens between them."""
+
+    attn: ReductionAttentionOps  # the student builds its blocks with a reduction attention (`convert_eva` too)
 
     def dense(self, x: Tensor, rope: Optional[Tensor] = None) -> Tensor:
         """The unchanged timm block (a ViT with RoPE is an Eva: see `EvaBlockOps`)."""
@@ -212,17 +219,18 @@ class EvaBlockOps:
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))  # type: ignore[attr-defined]
 
 
-_EVA_CLASSES: dict[type, type] = {}
+_EVA_CLASSES: dict[Callable[..., nn.Module], type] = {}
 
 
-def eva_class(block_fn: type) -> type:
+def eva_class(block_fn: Callable[..., nn.Module]) -> type:
     """The method's block class for an `EvaBlock` (one class per method block class)."""
     if block_fn not in _EVA_CLASSES:
-        _EVA_CLASSES[block_fn] = type(f"Eva{block_fn.__name__}", (EvaBlockOps, block_fn), {"__module__": __name__})
+        base = cast(type, block_fn)  # a block class (timm's block_fn may be any callable; a method's is its class)
+        _EVA_CLASSES[block_fn] = type(f"Eva{base.__name__}", (EvaBlockOps, base), {"__module__": __name__})
     return _EVA_CLASSES[block_fn]
 
 
-def convert_eva(blocks: nn.ModuleList, block_fn: type) -> None:
+def convert_eva(blocks: Iterable[nn.Module], block_fn: Callable[..., nn.Module]) -> None:
     """Turn timm's built `EvaBlock`s into `block_fn` blocks in place (weights untouched): post-norm blocks and
     grouped-query attention are refused, as no method here defines them."""
     for i, block in enumerate(blocks):

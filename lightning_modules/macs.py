@@ -9,9 +9,15 @@ predictors). Norms, activations, softmax and gathers are not counted, as `torch.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+from timm.layers import AttentionPoolLatent
 from torch import Tensor, nn
 
 from lightning_modules.trace import TokenTrace
+
+if TYPE_CHECKING:
+    from lightning_modules.vit import ViTStudent
 
 
 def linear_macs(module: nn.Module) -> int:
@@ -19,7 +25,7 @@ def linear_macs(module: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def map_head_macs(pool: nn.Module, tokens: Tensor) -> Tensor:
+def map_head_macs(pool: AttentionPoolLatent, tokens: Tensor) -> Tensor:
     """timm's `AttentionPoolLatent` on `tokens (B,)` tokens: keys/values of every token, the latent queries'
     projections, attention and MLP."""
     latents = pool.latent_len
@@ -29,9 +35,9 @@ def map_head_macs(pool: nn.Module, tokens: Tensor) -> Tensor:
     return tokens * kv + 2 * latents * tokens * dim + rest
 
 
-def count_macs(student: nn.Module, trace: TokenTrace) -> Tensor:
+def count_macs(student: ViTStudent, trace: TokenTrace) -> Tensor:
     """(B,) MACs of each image's forward pass, as the trace records it."""
-    vit = student.vit
+    vit: Any = student.vit  # timm's VisionTransformer or Eva: read by duck typing (blocks, heads, pooling)
     tokens = trace.tokens.double()
     mlp_tokens = trace.mlp_tokens.double()
     total = tokens.new_zeros(tokens.shape[0])

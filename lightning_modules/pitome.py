@@ -92,6 +92,7 @@ class PiToMeBlock(ReductionBlock[Optional[Tensor], Optional[float]]):
         bias = size_bias(size, x.dtype) if self.prop_attn else None  # (B, 1, 1, N): towards each key j
         attn = self.attn.forward_reduce(self.norm1(x), bias, keys=True, rope=rope)
         x = x + self.drop_path1(self.ls1(attn.x))
+        assert attn.keys is not None  # asked for above
         merge = energy_matching(attn.keys, ratio, self.margin, self.num_prefix, self.bipartite)
         dest = merge.dest(x.shape[1]) if record else None
         x, size = merge_wavg(merge, x, size)
@@ -119,7 +120,7 @@ class PiToMeStudent(ViTStudent):
         tokens = trace.tokens[:, :-1].double()
         merged = trace.mlp_tokens.double() < tokens
         mergeable = tokens - self.num_prefix_tokens
-        return (mergeable * mergeable * self.vit.blocks[0].attn.head_dim * merged).sum(1)
+        return (mergeable * mergeable * self.attention().head_dim * merged).sum(1)
 
     def forward_head(self, x: Tensor, size: Optional[Tensor]) -> Tensor:
         return self.size_weighted_head(x, size)
@@ -130,6 +131,8 @@ class PiToMeModule(ReductionModule):
     """`METHODS["pitome"]`: merge r = floor(T (1 - ratio)) tokens per block (`ratio`, the official
     `model.ratio`, default 0.9125), energy-protected. `prop_attn`: ToMe's proportional attention (off, as the
     official DeiT patch). `reduction_schedule` anneals the ratio from 1 to its target."""
+
+    student: PiToMeStudent
 
     setting_keys = ("ratio",)
     off_settings = {"ratio": 1.0}

@@ -9,7 +9,7 @@ maps it onto its own knob through `module.apply_reduction(alpha)`: EViT and Dyna
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
@@ -48,14 +48,14 @@ class ReductionSchedule(Callback):
         return "KeepRateSchedule" + repr({"start_epoch": self.start_epoch, "shrink_epochs": self.shrink_epochs})
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.apply_reduction(self.alpha)  # the restored value on resume; the start value otherwise
+        cast(Scheduled, pl_module).apply_reduction(self.alpha)  # the restored value on resume; the start value otherwise
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         batches = max(1, trainer.num_training_batches)
         epoch = trainer.current_epoch + batch_idx / batches
         self.alpha = reduction_strength(epoch, self.start_epoch, self.shrink_epochs)
-        for name, value in pl_module.apply_reduction(self.alpha).items():
+        for name, value in cast(Scheduled, pl_module).apply_reduction(self.alpha).items():
             pl_module.log(f"train/{name}", value, on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict[str, Any]:

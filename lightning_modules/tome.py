@@ -82,6 +82,7 @@ class ToMeBlock(ReductionBlock[Optional[Tensor], Optional[int]]):
         attn = self.attn.forward_reduce(self.norm1(x), bias, keys=True, rope=rope)  # keys as attention sees them
         x = x + self.drop_path1(self.ls1(attn.x))
         dest = None
+        assert attn.keys is not None  # asked for above
         merge = bipartite_soft_matching(attn.keys, r or 0, self.num_prefix)
         if merge is not None:
             if record:
@@ -116,7 +117,7 @@ class ToMeStudent(ViTStudent):
     def extra_macs(self, trace: TokenTrace) -> Tensor:
         """The matching's similarity matmul, N_A x N_B x head_dim, in each block that merged."""
         tokens, mlp_tokens = trace.tokens[:, :-1].double(), trace.mlp_tokens.double()
-        head_dim = self.vit.blocks[0].attn.head_dim
+        head_dim = self.attention().head_dim
         merged = mlp_tokens < tokens
         scores = torch.ceil(tokens / 2) * torch.floor(tokens / 2) * head_dim
         return (scores * merged).sum(1)
@@ -131,6 +132,8 @@ class ToMeModule(ReductionModule):
     per-layer list). `prop_attn`: proportional attention (on for supervised checkpoints, off for MAE).
     `reduction_schedule: {start_epoch, shrink_epochs}` anneals r in with the cosine schedule (off by
     default: the official recipe merges r tokens from step 0)."""
+
+    student: ToMeStudent
 
     static_shapes = True
     setting_keys = ("r",)

@@ -77,7 +77,7 @@ class TraceRecorder:
         num_patches = grid_size[0] * grid_size[1]
         owner = torch.arange(num_prefix_tokens, num_prefix_tokens + num_patches, device=device)
         owner = owner.expand(batch, -1).clone()
-        return cls(owner, num_prefix_tokens, tuple(grid_size), owner)
+        return cls(owner, num_prefix_tokens, (grid_size[0], grid_size[1]), owner)
 
     def remap(self, dest: Tensor) -> None:
         """Tokens moved: `dest (B, N)` is each current token's new position, or -1 when it left."""

@@ -18,7 +18,7 @@ import argparse
 import logging
 import pathlib
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Optional, TypeVar
+from typing import Any, Callable, Generic, Optional, TypeVar, cast
 
 import timm
 import torch
@@ -38,7 +38,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_modules.layers import ReductionBlock, convert_eva
+from lightning_modules.layers import ReductionAttentionOps, ReductionBlock, SplitBlock, convert_eva
 from lightning_modules.ops import mean_rope
 from lightning_modules.trace import TokenTrace, TraceRecorder
 
@@ -119,6 +119,7 @@ def check_hub_weights(name: str, key: str, local_key: str) -> None:
 
 ViT = VisionTransformer | Eva
 LossInputs = TypeVar("LossInputs")
+BlockT = TypeVar("BlockT", bound=nn.Module)
 
 
 @dataclass
@@ -217,6 +218,14 @@ class ViTStudent(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.vit.embed_dim
+
+    def blocks_of(self, kind: type[BlockT]) -> list[BlockT]:
+        """The blocks as the method's block class `kind` (its student builds every block with it)."""
+        return [cast(BlockT, block) for block in self.vit.blocks]
+
+    def attention(self, layer: int = 0) -> ReductionAttentionOps:
+        """Block `layer`'s attention: a reduction attention in every method's student (the dense model has timm's)."""
+        return cast(SplitBlock, self.vit.blocks[layer]).attn
 
     def grid_size(self, images: Tensor) -> tuple[int, int]:
         if self.vit.dynamic_img_size:
@@ -467,8 +476,8 @@ def create_teacher(name: str, *, num_classes: int, img_size: Optional[int], weig
         check_hub_weights(timm_name, "model.teacher", "model.teacher_weights")
     try:
         try:  # ViT teachers take the student's resolution; convnets (regnety_160) take no img_size
-            teacher = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes,
-                                        **({"img_size": img_size} if img_size else {}), **kwargs)
+            sized: dict[str, Any] = {"img_size": img_size} if img_size else {}
+            teacher = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **sized, **kwargs)
         except TypeError:
             teacher = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except (RuntimeError, OSError) as err:
