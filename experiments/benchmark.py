@@ -265,11 +265,12 @@ DEIT_GRID = {
     "deit_tiny": [("deit_tiny/dense.yaml", []), ("deit_tiny/tome_r12.yaml", ["model.r=13"]),
                   ("deit_tiny/evit_kr0.7.yaml", []), ("deit_tiny/dynamicvit_r0.7.yaml", []),
                   ("deit_tiny/avit.yaml", ["avit_depth=0.63"]), ("deit_tiny/pitome_ratio0.9125.yaml", []),
-                  ("deit_tiny/diffrate_0.9g.yaml", [])],
+                  ("deit_tiny/diffrate_0.9g.yaml", []), ("deit_tiny/mctf_r16.yaml", []), ("deit_tiny/mctf_fast.yaml", [])],
     "deit_small": [("deit_small/dense.yaml", []), ("deit_small/tome_r13.yaml", []),
                    ("deit_small/evit_kr0.7.yaml", []), ("deit_small/dynamicvit_r0.7.yaml", []),
                    ("deit_small/avit.yaml", ["avit_depth=0.78"]), ("deit_small/pitome_ratio0.9125.yaml", []),
-                   ("deit_small/diffrate_2.9g.yaml", [])],
+                   ("deit_small/diffrate_2.9g.yaml", []), ("deit_small/mctf_r16.yaml", []),
+                   ("deit_small/mctf_fast.yaml", [])],
 }
 # DiffRate's official DeiT-S 2.9 G counts (class token included), applied as they are to the Eva backbones
 _DIFFRATE = ["model.prune_kept_num=[197,196,190,168,150,139,129,117,99,78,58,3]",
@@ -280,7 +281,8 @@ def _eva_rows(config: str, r: int, extra: list[str]) -> list[tuple[str, list[str
     """Every method on one Eva backbone at the DeiT-S settings (ToMe at the r of DeiT-S r=13's MAC ratio)."""
     return [(config, extra), (config, ["method=tome", f"model.r={r}", *extra]), (config, ["method=evit", *extra]),
             (config, ["method=dynamicvit", *extra]), (config, ["method=avit", "avit_depth=0.78", *extra]),
-            (config, ["method=pitome", *extra]), (config, ["method=diffrate", *_DIFFRATE, *extra])]
+            (config, ["method=pitome", *extra]), (config, ["method=diffrate", *_DIFFRATE, *extra]),
+            (config, ["method=mctf", *extra])]
 
 
 # timm's Eva backbones (RoPE) at 224 px, with each method at DeiT-S's settings
@@ -295,7 +297,8 @@ GRIDS: dict[str, tuple[dict[str, list[tuple[str, list[str]]]], list[int], str]] 
                                  "(DeiT-T 0.63, DeiT-S 0.78 of the blocks)."),
     "eva": (EVA_GRID, [32], "timm's Eva backbones with RoPE at 224 px (EVA-02 B/14: 256 patches), random weights, every "
                             "method at its DeiT-S setting: ToMe at the r of DeiT-S r=13's MAC ratio (DINOv3 13, EVA-02 17), "
-                            "EViT/DynamicViT 0.7, A-ViT at mean depth 0.78, PiToMe 0.9125, DiffRate DeiT-S's 2.9 G counts."),
+                            "EViT/DynamicViT 0.7, A-ViT at mean depth 0.78, PiToMe 0.9125, DiffRate DeiT-S's 2.9 G counts, "
+                            "MCTF r 16."),
 }
 
 

@@ -58,6 +58,9 @@ def _teacher(c: dict[str, Any]) -> str:
     if c["method"] == "dynamicvit":
         name = m.get("teacher") or "backbone"
         return f"{name} (KL {_num(m['kl_weight'])}, MSE {_num(m['distill_weight'])})"
+    if m.get("teacher_weight") or m.get("consistency_weight"):  # a branch of the network itself (MCTF)
+        return (f"own branch, r < {_num(m['r_teacher_max'])} (CE {_num(m['teacher_weight'])}, consistency "
+                f"{_num(m['consistency_weight'])} above p {_num(m['consistency_threshold'])})")
     if m.get("distillation", "none") != "none":
         return f"{m['teacher']} ({m['distillation']})"
     return "-"

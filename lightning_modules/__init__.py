@@ -7,6 +7,7 @@ from lightning_modules.dense import DenseModule
 from lightning_modules.diffrate import DiffRateModule
 from lightning_modules.dynamicvit import DynamicViTModule
 from lightning_modules.evit import EViTModule
+from lightning_modules.mctf import MCTFModule
 from lightning_modules.pitome import PiToMeModule
 from lightning_modules.tome import ToMeModule
 
@@ -18,6 +19,7 @@ METHODS: dict[str, type[ReductionModule]] = {
     "avit": AViTModule,
     "pitome": PiToMeModule,
     "diffrate": DiffRateModule,
+    "mctf": MCTFModule,
 }
 
 

@@ -344,7 +344,8 @@ class AViTModule(ReductionModule):
                              persistent=False)
         self.depth_stats = PerStage(MeanMetric)
 
-    def reduction_terms(self, halting: StudentOutput[HaltingOutput], images: Tensor) -> dict[str, Tensor]:
+    def reduction_terms(self, halting: StudentOutput[HaltingOutput], images: Tensor,
+                        targets: Tensor) -> dict[str, Tensor]:
         """`ponder` and `prior`, added to `cls` (+ `distill` with a DeiT teacher: the official A-ViT wraps its criterion
         in DeiT's DistillationLoss and adds the halting terms to it)."""
         out = halting.loss_inputs

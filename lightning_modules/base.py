@@ -356,9 +356,9 @@ class ReductionModule(pl.LightningModule):
         """Unweighted named loss terms for one batch, from the student's training pass: `cls` (and `distill` with a
         DeiT teacher), then the method's own `reduction_terms`."""
         out = self.student.run(images, train=True)
-        return self.classification_terms(out.logits, images, targets) | self.reduction_terms(out, images)
+        return self.classification_terms(out.logits, images, targets) | self.reduction_terms(out, images, targets)
 
-    def reduction_terms(self, out: StudentOutput[Any], images: Tensor) -> dict[str, Tensor]:
+    def reduction_terms(self, out: StudentOutput[Any], images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """The method's loss terms beyond classification, from its training pass (`out.loss_inputs`); none here."""
         return {}
 

@@ -422,7 +422,8 @@ class DiffRateModule(ReductionModule):
                              linear_macs(block.mlp), proj.weight[0].numel() * proj.out_channels, linear_macs(vit.head),
                              self.student.num_prefix_tokens) / 1e9
 
-    def reduction_terms(self, out: StudentOutput[list[tuple[Tensor, Tensor]]], images: Tensor) -> dict[str, Tensor]:
+    def reduction_terms(self, out: StudentOutput[list[tuple[Tensor, Tensor]]], images: Tensor,
+                        targets: Tensor) -> dict[str, Tensor]:
         """`flops` while searching: (official GFLOPs of the expected counts - target)^2."""
         if out.loss_inputs is None or self.target_flops is None:
             return {}

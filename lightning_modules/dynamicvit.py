@@ -247,7 +247,7 @@ class DynamicViTModule(ReductionModule):
         return teacher.forward_head(features).float(), features[:, teacher.num_prefix_tokens:]
 
     # ------------------------------------------------------------------------------------------ loss
-    def reduction_terms(self, out: StudentOutput[PruningOutput], images: Tensor) -> dict[str, Tensor]:
+    def reduction_terms(self, out: StudentOutput[PruningOutput], images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """`ratio`, and with the teacher `kl` and `distill` (`cls` comes from the shared classification terms)."""
         assert out.loss_inputs is not None
         decisions = out.loss_inputs.decisions

@@ -81,6 +81,43 @@ class ReductionAttentionOps(nn.Module):
             return torch.cat([getattr(self, f"{name}_proj")(x) for name in "qkv"], dim=-1)
         return qkv(x)
 
+    def packed_weight_bias(self) -> tuple[Tensor, Optional[Tensor]]:
+        """The fused q/k/v projection's weight `(3 heads_width, C)` and effective bias (timm's `qkv`)."""
+        qkv = getattr(self, "qkv")
+        return qkv.weight, qkv.bias
+
+    def qkv_part(self, x: Tensor, parts: slice) -> Tensor:
+        """x: (..., C) -> the projections `parts` of (q, k, v) only, e.g. `slice(0, 2)`: q and k `(..., 2 heads_width)`
+        (MCTF computes q, k before a merge and v after it)."""
+        if getattr(self, "qkv", None) is None:  # Eva's separate projections
+            return torch.cat([getattr(self, f"{name}_proj")(x) for name in "qkv"[parts]], dim=-1)
+        weight, bias = self.packed_weight_bias()
+        rows = slice(parts.start * self.heads_width, parts.stop * self.heads_width)
+        return F.linear(x, weight[rows], None if bias is None else bias[rows])
+
+    def attention_probs(self, x: Tensor, bias: Optional[Tensor] = None, rope: Optional[Tensor] = None) -> Tensor:
+        """The attention probabilities of x: (B, N, C) -> (B, H, N, N), per head, with the float `bias` on the logits
+        (q and k as the timm class computes them: norms, RoPE), explicitly: for a method that reads or reuses them."""
+        B, N, _ = x.shape
+        qk = self.qkv_part(x, slice(0, 2)).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(qk[0]), self.k_norm(qk[1])
+        if rope is not None:
+            q, k = self.rotate(q, rope).type_as(qk), self.rotate(k, rope).type_as(qk)
+        logits = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, N, N)
+        return (logits if bias is None else logits + bias).softmax(dim=-1)
+
+    def values(self, x: Tensor) -> Tensor:
+        """The values of x: (B, N, C) -> (B, H, N, D)."""
+        B, N, _ = x.shape
+        return self.qkv_part(x, slice(2, 3)).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def attend_probs(self, x: Tensor, probs: Tensor) -> Tensor:
+        """The attention branch of x: (B, N, C) with given probabilities `probs (B, H, N, N)` (values computed here,
+        attention dropout, scale norm, gate, proj) -> (B, N, C)."""
+        B, N, _ = x.shape
+        out = (self.attn_drop(probs) @ self.values(x)).transpose(1, 2).reshape(B, N, self.heads_width)
+        return self.project(x, out)
+
     def forward_reduce(self, x: Tensor, bias: Optional[Tensor] = None, *, keys: bool = False,
                        cls_attn: bool = False, softmax: Optional[Callable[[Tensor], Tensor]] = None,
                        rope: Optional[Tensor] = None) -> AttentionOutput:
@@ -137,6 +174,13 @@ class ReductionAttention(ReductionAttentionOps, Attention):
 
 class EvaReductionAttention(ReductionAttentionOps, EvaAttention):
     """timm's EvaAttention (EVA-02: separate q/k/v projections, k without bias) with the reduction methods."""
+
+    def packed_weight_bias(self) -> tuple[Tensor, Optional[Tensor]]:
+        assert self.qkv is not None
+        if self.q_bias is None or self.k_bias is None or self.v_bias is None:
+            return self.qkv.weight, self.qkv.bias
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        return self.qkv.weight, bias + self.qkv.bias if self.qkv_bias_separate and self.qkv.bias is not None else bias
 
     def packed_qkv(self, x: Tensor) -> Tensor:
         if self.qkv is None or self.q_bias is None or self.k_bias is None or self.v_bias is None:

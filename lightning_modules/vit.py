@@ -283,9 +283,15 @@ class ViTStudent(nn.Module):
         `ReductionBlock` gets its `layer_settings()` entry, the state it returned last and its RoPE table, and
         may reduce inside the block (ToMe, EViT); plain timm blocks run as they are.
         """
+        return self.block_loop(x, recorder, rope, self.layer_settings())
+
+    def block_loop(self, x: Tensor, recorder: Optional[TraceRecorder], rope: Optional[Tensor],
+                   settings: list[Any]) -> tuple[Tensor, Any]:
+        """`forward_blocks`' loop with the given per-block `settings` (a method may run it twice, as MCTF's
+        training branch)."""
         state: Any = None
         num_patches = x.shape[1] - self.num_prefix_tokens
-        for layer, (block, setting) in enumerate(zip(self.vit.blocks, self.layer_settings())):
+        for layer, (block, setting) in enumerate(zip(self.vit.blocks, settings)):
             x, state = self.before_block(layer, x, state, recorder, num_patches)
             if recorder is not None:
                 recorder.block(x.shape[1])

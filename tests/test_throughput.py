@@ -65,7 +65,25 @@ def hand_dynamicvit(rho: float = 0.7) -> float:
     return total
 
 
+def hand_mctf(r: float = 16, layers: tuple[int, ...] = tuple(range(1, 12))) -> float:
+    """q, k on the T entering tokens, v, proj and the MLP on the T' fused ones, QK^T and the attention times the
+    values on T (the one-step-ahead attention is never built), the pair scores on the block's input tokens."""
+    total, n = embed_and_head(), 197
+    for layer in range(12):
+        if layer not in layers:
+            total += block(n, n)
+            continue
+        merged = n - (min(int(r), (n - 1) // 2) if r >= 1 else min(int((n - 1) * r), (n - 1) // 2))
+        total += n * 2 * C * C + merged * 2 * C * C + 2 * n * n * C + merged * 8 * C * C
+        total += math.ceil(n / 2) * (n // 2) * C  # the similarity of every (A, B) pair
+        n = merged
+    return total
+
+
 @pytest.mark.parametrize("method,kwargs,hand,published", [
+    # MCTF's README (fvcore): 2.60 G, Fast 2.76 G
+    ("mctf", {"r": 16}, hand_mctf, 2.6), ("mctf", {"r": 0.35, "reduction_layers": [3, 6, 9]},
+                                           lambda: hand_mctf(0.35, (3, 6, 9)), 2.8),
     ("dense", {}, hand_dense, 4.6), ("tome", {"r": 13}, hand_tome, 2.7), ("evit", {"keep_rate": 0.7}, hand_evit, 3.0),
     # the paper's 2.9 G leaves the predictors out: 2.88 G for the backbone, 0.10 G for the predictors
     ("dynamicvit", {"keep_rate": 0.7}, hand_dynamicvit, 3.0),
