@@ -265,12 +265,13 @@ DEIT_GRID = {
     "deit_tiny": [("deit_tiny/dense.yaml", []), ("deit_tiny/tome_r12.yaml", ["model.r=13"]),
                   ("deit_tiny/evit_kr0.7.yaml", []), ("deit_tiny/dynamicvit_r0.7.yaml", []),
                   ("deit_tiny/avit.yaml", ["avit_depth=0.63"]), ("deit_tiny/pitome_ratio0.9125.yaml", []),
-                  ("deit_tiny/diffrate_0.9g.yaml", []), ("deit_tiny/mctf_r16.yaml", []), ("deit_tiny/mctf_fast.yaml", [])],
+                  ("deit_tiny/diffrate_0.9g.yaml", []), ("deit_tiny/mctf_r16.yaml", []), ("deit_tiny/mctf_fast.yaml", []),
+                  ("deit_tiny/atc_kr0.7.yaml", [])],
     "deit_small": [("deit_small/dense.yaml", []), ("deit_small/tome_r13.yaml", []),
                    ("deit_small/evit_kr0.7.yaml", []), ("deit_small/dynamicvit_r0.7.yaml", []),
                    ("deit_small/avit.yaml", ["avit_depth=0.78"]), ("deit_small/pitome_ratio0.9125.yaml", []),
                    ("deit_small/diffrate_2.9g.yaml", []), ("deit_small/mctf_r16.yaml", []),
-                   ("deit_small/mctf_fast.yaml", [])],
+                   ("deit_small/mctf_fast.yaml", []), ("deit_small/atc_kr0.7.yaml", [])],
 }
 # DiffRate's official DeiT-S 2.9 G counts (class token included), applied as they are to the Eva backbones
 _DIFFRATE = ["model.prune_kept_num=[197,196,190,168,150,139,129,117,99,78,58,3]",
@@ -282,7 +283,7 @@ def _eva_rows(config: str, r: int, extra: list[str]) -> list[tuple[str, list[str
     return [(config, extra), (config, ["method=tome", f"model.r={r}", *extra]), (config, ["method=evit", *extra]),
             (config, ["method=dynamicvit", *extra]), (config, ["method=avit", "avit_depth=0.78", *extra]),
             (config, ["method=pitome", *extra]), (config, ["method=diffrate", *_DIFFRATE, *extra]),
-            (config, ["method=mctf", *extra])]
+            (config, ["method=mctf", *extra]), (config, ["method=atc", "model.keep_rate=0.7", *extra])]
 
 
 # timm's Eva backbones (RoPE) at 224 px, with each method at DeiT-S's settings
@@ -291,6 +292,13 @@ EVA_GRID = {
     "dinov3_vit_b16": _eva_rows("dinov3_vit_b16/dense.yaml", 13, []),
     "eva02_vit_b14": _eva_rows("eva02_vit_b14/dense.yaml", 17, ["model.img_size=224"]),
 }
+# ATC's clustering against ToMe's matching, at the same blocks and kept counts (DeiT: 196 -> 137 -> 96 -> 67 patches)
+ATC_GRID = {
+    backbone: [(f"{backbone}/dense.yaml", []), *((f"{backbone}/atc_kr0.7.yaml", [f"model.linkage={linkage}"])
+                                                 for linkage in ("complete", "average", "single")),
+               (f"{backbone}/tome_r16.yaml", ["model.r=[0,0,0,59,0,0,41,0,0,29]"])]
+    for backbone in ("deit_tiny", "deit_small")
+}
 # name -> (grid, CPU batch sizes, the note under its table)
 GRIDS: dict[str, tuple[dict[str, list[tuple[str, list[str]]]], list[int], str]] = {
     "deit": (DEIT_GRID, [1, 32], "A-ViT rows use random weights with the halting gate set to the papers' mean depth "
@@ -298,8 +306,13 @@ GRIDS: dict[str, tuple[dict[str, list[tuple[str, list[str]]]], list[int], str]] 
     "eva": (EVA_GRID, [32], "timm's Eva backbones with RoPE at 224 px (EVA-02 B/14: 256 patches), random weights, every "
                             "method at its DeiT-S setting: ToMe at the r of DeiT-S r=13's MAC ratio (DINOv3 13, EVA-02 17), "
                             "EViT/DynamicViT 0.7, A-ViT at mean depth 0.78, PiToMe 0.9125, DiffRate DeiT-S's 2.9 G counts, "
-                            "MCTF r 16."),
+                            "MCTF r 16, ATC 0.7 (complete linkage)."),
+    "atc": (ATC_GRID, [32], "ATC's clustering against ToMe's matching at the same kept counts: both reduce at blocks 3, 6, "
+                            "9 only, to 137, 96 and 67 patch tokens (ATC keep rate 0.7; ToMe r = 59, 41, 29 there). "
+                            "Random weights."),
 }
+# grids whose rows are named by their settings (several rows of one method)
+LABELLED = {"atc"}
 
 
 def run_grid(markdown: Path, warmup: int, repeats: int, name: str = "deit") -> list[dict[str, Any]]:
@@ -311,10 +324,21 @@ def run_grid(markdown: Path, warmup: int, repeats: int, name: str = "deit") -> l
     for backbone, entries in grid.items():
         for config, overrides in entries:
             module, cfg = build_entry(config, overrides)
-            rows += benchmark_module(module, cfg["method"], batch_sizes, precision=precision, warmup=warmup,
+            label = setting_label(cfg) if name in LABELLED else cfg["method"]
+            rows += benchmark_module(module, label, batch_sizes, precision=precision, warmup=warmup,
                                      repeats=repeats, avit_depth=cfg.get("avit_depth"))
     write_section(markdown, rows, "" if name == "deit" else name, note)
     return rows
+
+
+def setting_label(cfg: dict[str, Any]) -> str:
+    """A row's method with the settings that label its runs (`setting_keys`), e.g. `atc keep_rate 0.7, linkage single`."""
+    from lightning_modules import METHODS
+
+    keys = [key for key in METHODS[cfg["method"]].setting_keys if cfg["model"].get(key) is not None]
+    settings = ", ".join(f"{key} {cfg['model'][key]}".replace(" ", "") if key == "r" else f"{key} {cfg['model'][key]}"
+                         for key in keys)
+    return f"{cfg['method']} {settings}".strip()
 
 
 def build_entry(config: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
@@ -373,7 +397,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--grid", choices=[*GRIDS, "all"], default="all",
-                        help="deit: DeiT-T/S; eva: DINOv3 S/B and EVA-02 B (RoPE); all: both")
+                        help="deit: DeiT-T/S; eva: DINOv3 S/B and EVA-02 B (RoPE); atc: ATC's clustering against "
+                             "ToMe at the same kept counts; all: every grid")
     args = parser.parse_args(argv)
     if args.command == "compile":
         print(format_compare_table(run_compile_grid(Path(args.output), args.warmup, args.repeats)))

@@ -1,6 +1,7 @@
 """One LightningModule per token-reduction method, by name."""
 from __future__ import annotations
 
+from lightning_modules.atc import ATCModule
 from lightning_modules.avit import AViTModule
 from lightning_modules.base import ReductionModule
 from lightning_modules.dense import DenseModule
@@ -20,6 +21,7 @@ METHODS: dict[str, type[ReductionModule]] = {
     "pitome": PiToMeModule,
     "diffrate": DiffRateModule,
     "mctf": MCTFModule,
+    "atc": ATCModule,
 }
 
 

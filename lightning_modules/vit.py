@@ -385,18 +385,13 @@ def read_checkpoint(path: str | pathlib.Path) -> tuple[dict[str, Tensor], str]:
         from safetensors.torch import load_file
 
         return load_file(str(path)), "timm"
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError with a long explanation; keep the first line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"weights: cannot read {str(path)!r} with weights_only=True: {first}") from err
-    if not isinstance(obj, dict):
-        raise ValueError(f"weights: {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    obj = read_checkpoint_object(path)
     if "pytorch-lightning_version" in obj and "state_dict" in obj:
         prefix = "student."
         state = {k[len(prefix):]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
         return state, "leanvit"
+    if obj.get("ema_best") is True and isinstance(obj.get("model_ema"), dict):  # ATC's train_deit.py: the better one
+        obj = obj["model_ema"]
     for key in ("model", "state_dict", "model_ema", "state_dict_ema"):
         if key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -405,6 +400,25 @@ def read_checkpoint(path: str | pathlib.Path) -> tuple[dict[str, Tensor], str]:
     if not tensors:
         raise ValueError(f"weights: {str(path)!r} has no tensors (keys: {sorted(obj)[:8]})")
     return clean_state_dict(tensors), "timm"
+
+
+def read_checkpoint_object(path: str | pathlib.Path) -> dict[str, Any]:
+    """The dict a .pt/.pth/.ckpt file holds, read with `weights_only=True` (official checkpoints' argparse `args`
+    allow-listed); {} for a safetensors file."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights: no such file {str(path)!r}")
+    if path.suffix == ".safetensors":
+        return {}
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError with a long explanation; keep the first line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"weights: cannot read {str(path)!r} with weights_only=True: {first}") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"weights: {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    return obj
 
 
 def load_weights(model: nn.Module, path: str | pathlib.Path) -> None:
