@@ -293,7 +293,7 @@ EVA_GRID = {
     "eva02_vit_b14": _eva_rows("eva02_vit_b14/dense.yaml", 17, ["model.img_size=224"]),
 }
 # ATC's clustering against ToMe's matching, at the same blocks and kept counts (DeiT: 196 -> 137 -> 96 -> 67 patches)
-ATC_GRID = {
+CLUSTERING_GRID = {
     backbone: [(f"{backbone}/dense.yaml", []), *((f"{backbone}/atc_kr0.7.yaml", [f"model.linkage={linkage}"])
                                                  for linkage in ("complete", "average", "single")),
                (f"{backbone}/tome_r16.yaml", ["model.r=[0,0,0,59,0,0,41,0,0,29]"])]
@@ -307,12 +307,12 @@ GRIDS: dict[str, tuple[dict[str, list[tuple[str, list[str]]]], list[int], str]] 
                             "method at its DeiT-S setting: ToMe at the r of DeiT-S r=13's MAC ratio (DINOv3 13, EVA-02 17), "
                             "EViT/DynamicViT 0.7, A-ViT at mean depth 0.78, PiToMe 0.9125, DiffRate DeiT-S's 2.9 G counts, "
                             "MCTF r 16, ATC 0.7 (complete linkage)."),
-    "atc": (ATC_GRID, [32], "ATC's clustering against ToMe's matching at the same kept counts: both reduce at blocks 3, 6, "
+    "clustering": (CLUSTERING_GRID, [32], "ATC's clustering against ToMe's matching at the same kept counts: both reduce at blocks 3, 6, "
                             "9 only, to 137, 96 and 67 patch tokens (ATC keep rate 0.7; ToMe r = 59, 41, 29 there). "
                             "Random weights."),
 }
 # grids whose rows are named by their settings (several rows of one method)
-LABELLED = {"atc"}
+LABELLED = {"clustering"}
 
 
 def run_grid(markdown: Path, warmup: int, repeats: int, name: str = "deit") -> list[dict[str, Any]]:
@@ -397,8 +397,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--grid", choices=[*GRIDS, "all"], default="all",
-                        help="deit: DeiT-T/S; eva: DINOv3 S/B and EVA-02 B (RoPE); atc: ATC's clustering against "
-                             "ToMe at the same kept counts; all: every grid")
+                        help="deit: DeiT-T/S; eva: DINOv3 S/B and EVA-02 B (RoPE); clustering: ATC's clustering "
+                             "against ToMe at the same kept counts; all: every grid")
     args = parser.parse_args(argv)
     if args.command == "compile":
         print(format_compare_table(run_compile_grid(Path(args.output), args.warmup, args.repeats)))
