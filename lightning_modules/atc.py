@@ -66,26 +66,25 @@ def agglomerative_labels(distance: Tensor, num_clusters: int, linkage: Linkage =
     dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
     count = torch.ones(batch, tokens, dtype=dist.dtype, device=device)
     owner = torch.arange(tokens, device=device).expand(batch, -1).clone()  # (B, T) each token's cluster
-    rows = torch.arange(batch, device=device)
-    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=device)
+    gone = torch.full((batch, 1, tokens), float("inf"), dtype=dist.dtype, device=device)  # a removed cluster's row
     for _ in range(tokens - num_clusters):
-        pair = dist.view(batch, -1).argmin(dim=1)  # (B,) the closest pair, row-major: a < b
-        a, b = pair // tokens, pair % tokens
-        da, db = dist[rows, a], dist[rows, b]  # (B, T)
+        pair = dist.view(batch, -1).min(dim=1).indices  # (B,) the closest pair, row-major: a < b (argmin is slower)
+        ab = torch.stack([pair // tokens, pair % tokens], dim=1)  # (B, 2)
+        pair_rows = ab[..., None].expand(-1, -1, tokens)  # (B, 2, T)
+        da, db = dist.gather(1, pair_rows).unbind(1)  # (B, T) rows a and b
         if linkage == "complete":
             joined = torch.maximum(da, db)
         elif linkage == "single":
             joined = torch.minimum(da, db)
         else:
-            na, nb = count[rows, a][:, None], count[rows, b][:, None]
-            joined = (na * da + nb * db) / (na + nb)
-        joined[rows, a] = inf
-        dist[rows, a] = joined
-        dist[rows, :, a] = joined
-        dist[rows, b] = inf
-        dist[rows, :, b] = inf
-        count[rows, a] += count[rows, b]
-        owner = torch.where(owner == b[:, None], a[:, None], owner)
+            na, nb = count.gather(1, ab).unbind(1)
+            joined = (na[:, None] * da + nb[:, None] * db) / (na + nb)[:, None]
+            count.scatter_add_(1, ab[:, :1], nb[:, None])
+        joined.scatter_(1, ab, float("inf"))  # no distance to itself, nor to b (gone)
+        rows = torch.cat([joined[:, None], gone], dim=1)  # (B, 2, T): a's new row, b's
+        dist.scatter_(1, pair_rows, rows)
+        dist.scatter_(2, ab[:, None].expand(-1, tokens, -1), rows.transpose(1, 2).contiguous())  # the columns: symmetric
+        owner = torch.where(owner == ab[:, 1:], ab[:, :1], owner)
     alive = torch.zeros(batch, tokens, dtype=torch.long, device=device).scatter_(1, owner, 1)  # surviving clusters
     rank = alive.cumsum(dim=1) - 1  # (B, T) each survivor's number, in order of its first member
     return rank.gather(1, owner)
