@@ -322,9 +322,11 @@ def run_grid(markdown: Path, warmup: int, repeats: int, name: str = "deit") -> l
     batch_sizes, precision = ([1, 32, 256], "bf16-mixed") if gpu else (cpu_batches, "32")
     rows = []
     for backbone, entries in grid.items():
-        for config, overrides in entries:
-            module, cfg = build_entry(config, overrides)
-            label = setting_label(cfg) if name in LABELLED else cfg["method"]
+        built = [build_entry(config, overrides) for config, overrides in entries]
+        methods = [cfg["method"] for _, cfg in built]
+        for module, cfg in built:
+            # a method with several rows in one backbone (MCTF and MCTF-Fast) is told apart by its settings
+            label = setting_label(cfg) if name in LABELLED or methods.count(cfg["method"]) > 1 else cfg["method"]
             rows += benchmark_module(module, label, batch_sizes, precision=precision, warmup=warmup,
                                      repeats=repeats, avit_depth=cfg.get("avit_depth"))
     write_section(markdown, rows, "" if name == "deit" else name, note)
@@ -394,8 +396,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.benchmark")
     parser.add_argument("command", choices=["grid", "compile"])
     parser.add_argument("--output", default="BENCHMARKS.md")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--grid", choices=[*GRIDS, "all"], default="all",
                         help="deit: DeiT-T/S; eva: DINOv3 S/B and EVA-02 B (RoPE); clustering: ATC's clustering "
                              "against ToMe at the same kept counts; all: every grid")
