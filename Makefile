@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install quickstart lint test test-slow test-gpu gpu-check benchmark benchmark-compile accuracy ablation clean
+.PHONY: install quickstart lint test test-slow test-gpu gpu-check benchmark benchmark-compile benchmark-deploy accuracy ablation clean
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,deploy]"
 	touch $(STAMP)
 
 quickstart: $(STAMP)
@@ -54,6 +54,13 @@ benchmark: $(STAMP)
 
 # Every fixed-shape method of DeiT-S eager and torch.compile'd, batch 1 and 32, against the dense model both ways;
 # rewrites this device's compile section of BENCHMARKS.md.
+# Deployment (BENCHMARKS.md): every method exported and timed in ONNX Runtime (DeiT-T/S, batch 1 and 32), batch-1
+# latency eager / compiled / ONNX Runtime (DeiT-S), and end to end from JPEG bytes (DeiT-S, batch 32)
+benchmark-deploy: $(STAMP)
+	$(PY) -m experiments.benchmark onnx --output BENCHMARKS.md
+	$(PY) -m experiments.benchmark latency --output BENCHMARKS.md --repeats 30
+	$(PY) -m experiments.benchmark end_to_end --output BENCHMARKS.md --repeats 8
+
 benchmark-compile: $(STAMP)
 	$(PY) -m experiments.benchmark compile --output BENCHMARKS.md
 

@@ -32,6 +32,15 @@ ROW_KEYS = ("method", "backbone", "batch_size", "precision", "images_per_sec", "
 class Timing:
     images_per_sec: float
     peak_memory_mb: Optional[float]  # CUDA only: the CPU allocator keeps no per-call peak
+    median_ms: float = 0.0  # latency of one call (the whole batch)
+    p90_ms: float = 0.0
+
+
+def timing_of(times: list[float], batch_size: int, peak: Optional[float] = None) -> Timing:
+    """Seconds per call -> images/s at the median call, and the median and 90th-percentile latency."""
+    median = statistics.median(times)
+    p90 = statistics.quantiles(times, n=10, method="inclusive")[-1] if len(times) > 1 else times[0]
+    return Timing(batch_size / median, peak, median * 1000, p90 * 1000)
 
 
 def device_name(device: torch.device) -> str:
@@ -92,7 +101,7 @@ def time_model(model: nn.Module, images: Tensor, precision: str = "32", warmup: 
     finally:
         model.train(was_training)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-    return Timing(images.shape[0] / statistics.median(times), peak)
+    return timing_of(times, images.shape[0], peak)
 
 
 def fastest_dense(dense: nn.Module, images: Tensor, precision: str, warmup: int, repeats: int) -> tuple[Timing, bool]:

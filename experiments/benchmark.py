@@ -31,7 +31,10 @@ BENCHMARK_KEYS: dict[str, Any] = {
     "repeats": int,
     "device": str,
     "avit_depth": Optional[float],
+    "runtime": str,
+    "end_to_end": bool,
 }
+RUNTIMES = ("torch", "onnxruntime")
 
 
 def calibrate_halting(student: torch.nn.Module, images: torch.Tensor, depth_fraction: float) -> float:
@@ -236,6 +239,15 @@ def check_benchmark_options(cfg: dict[str, Any]) -> None:
     depth = cfg.get("avit_depth")
     if depth is not None and not 0 < depth <= 1:
         raise ConfigError(f"avit_depth: expected a fraction of the blocks in (0, 1], got {depth!r}")
+    runtime = str(cfg.get("runtime") or "torch")
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime: expected one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "onnxruntime" or cfg.get("end_to_end"):
+        what = "runtime: onnxruntime" if runtime == "onnxruntime" else "end_to_end: true"
+        if cfg.get("compile") or precision not in ("32", "32-true") or resolve_device(device).type != "cpu":
+            raise ConfigError(f"{what} times fp32 on the CPU; drop compile, precision and device")
+        if runtime == "onnxruntime" and cfg.get("end_to_end"):
+            raise ConfigError("end_to_end: true times the torch model; drop runtime=onnxruntime")
 
 
 def benchmark_command(config: str, overrides: list[str]) -> int:
@@ -247,6 +259,8 @@ def benchmark_command(config: str, overrides: list[str]) -> int:
     cfg["model"] = dict(cfg.get("model") or {}, pretrained=False)  # speed needs no hub weights
     torch.manual_seed(cfg.get("seed", 0))
     module, _ = build_objects(cfg, resuming=False, command="benchmark")
+    if cfg.get("runtime") == "onnxruntime" or cfg.get("end_to_end"):
+        return deployment_benchmark(cfg, module)
     rows = benchmark_module(
         module, cfg["method"], list(cfg.get("batch_sizes") or [1, 32]), precision=str(cfg.get("precision") or "32"),
         compile=bool(cfg.get("compile")), warmup=int(cfg.get("warmup") or 3), repeats=int(cfg.get("repeats") or 10),
@@ -256,6 +270,29 @@ def benchmark_command(config: str, overrides: list[str]) -> int:
     print(f"device: {rows[0]['device']}")
     if cfg.get("output"):
         Path(cfg["output"]).write_text(json.dumps([{k: r[k] for k in ROW_KEYS} for r in rows], indent=2))
+    return 0
+
+
+def deployment_benchmark(cfg: dict[str, Any], module: Any) -> int:
+    """`runtime=onnxruntime` (exported student and dense model in ONNX Runtime) or `end_to_end=true` (JPEG bytes
+    to logits)."""
+    from experiments.deployment import END_TO_END_KEYS, end_to_end_rows, format_end_to_end_table, onnx_rows
+    from experiments.export import require_onnx
+
+    batch_sizes = list(cfg.get("batch_sizes") or [1, 32])
+    warmup, repeats = int(cfg.get("warmup") or 3), int(cfg.get("repeats") or 10)
+    if cfg.get("end_to_end"):
+        rows = end_to_end_rows(module, cfg["method"], batch_sizes, warmup=warmup, repeats=repeats,
+                               avit_depth=cfg.get("avit_depth"))
+        table, keys = format_end_to_end_table(rows), END_TO_END_KEYS
+    else:
+        require_onnx("runtime: onnxruntime")
+        rows = onnx_rows(module, cfg["method"], batch_sizes, warmup=warmup, repeats=repeats)
+        table, keys = format_table(rows), ROW_KEYS
+    print(table)
+    print(f"device: {rows[0]['device']}")
+    if cfg.get("output"):
+        Path(cfg["output"]).write_text(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
     return 0
 
 
@@ -392,9 +429,75 @@ def write_section(markdown: Path, rows: list[dict[str, Any]], grid: str = "", no
     markdown.write_text(text)
 
 
+# ------------------------------------------------------------------------------------------------ deployment grids
+def run_onnx_grid(markdown: Path, warmup: int, repeats: int) -> list[dict[str, Any]]:
+    """Every fixed-shape method of DeiT-T/S exported to ONNX and timed in ONNX Runtime against the exported dense
+    model, batch 1 and 32."""
+    from experiments.deployment import onnx_rows
+
+    rows: list[dict[str, Any]] = []
+    cache: dict[tuple, Any] = {}
+    for backbone, entries in DEIT_GRID.items():
+        built = [build_entry(config, overrides) for config, overrides in entries]
+        methods = [cfg["method"] for _, cfg in built]
+        for module, cfg in built:
+            if type(module).static_shapes and cfg["method"] != "dense":
+                label = setting_label(cfg) if methods.count(cfg["method"]) > 1 else cfg["method"]
+                rows += onnx_rows(module, label, [1, 32], warmup=warmup, repeats=repeats, dense_cache=cache)
+    write_section(markdown, rows, "onnxruntime", "each student and its dense backbone exported by `leanvit export`'s "
+                  "path (torch.export -> ONNX, opset 20), fp32, random weights, timed side by side in an ONNX Runtime "
+                  "CPU session (intra-op threads as stated, inter-op 1); A-ViT's shapes depend on the image: not "
+                  "exported.", command="`make benchmark-deploy` (`python -m experiments.benchmark onnx`)")
+    return rows
+
+
+def run_latency_grid(markdown: Path, warmup: int, repeats: int, backbone: str = "deit_small") -> list[dict[str, Any]]:
+    """Batch-1 latency of every method of a backbone: eager, torch.compile'd and in ONNX Runtime."""
+    from experiments.deployment import format_latency_table, latency_rows
+
+    rows: list[dict[str, Any]] = []
+    cache: dict[tuple, Any] = {}
+    entries = DEIT_GRID[backbone]
+    built = [build_entry(config, overrides) for config, overrides in entries]
+    methods = [cfg["method"] for _, cfg in built]
+    for module, cfg in built:
+        label = setting_label(cfg) if methods.count(cfg["method"]) > 1 else cfg["method"]
+        rows += latency_rows(module, label, warmup=warmup, repeats=repeats, dense_cache=cache,
+                             avit_depth=cfg.get("avit_depth"))
+    write_section(markdown, rows, "latency", "batch 1, fp32, random weights (A-ViT halting at the papers' mean "
+                  "depth); each path's student against the dense model on the same path: eager (dense at its faster "
+                  "attention path), torch.compile (inductor, default mode), ONNX Runtime (the exported graphs); "
+                  "median and 90th percentile of the calls.", table=format_latency_table(rows),
+                  command="`make benchmark-deploy` (`python -m experiments.benchmark latency`)")
+    return rows
+
+
+def run_end_to_end_grid(markdown: Path, warmup: int, repeats: int, backbone: str = "deit_small") -> list[dict[str, Any]]:
+    """Every method from JPEG bytes to logits next to the dense model, batch 32."""
+    from experiments.deployment import end_to_end_rows, format_end_to_end_table
+
+    rows: list[dict[str, Any]] = []
+    built = [build_entry(config, overrides) for config, overrides in DEIT_GRID[backbone]]
+    methods = [cfg["method"] for _, cfg in built]
+    for module, cfg in built:
+        label = setting_label(cfg) if methods.count(cfg["method"]) > 1 else cfg["method"]
+        rows += end_to_end_rows(module, label, [32], warmup=warmup, repeats=repeats, avit_depth=cfg.get("avit_depth"))
+    write_section(markdown, rows, "end to end", "32 synthetic 500 x 375 JPEGs (quality 90) per call, decoded by "
+                  "torchvision (libjpeg-turbo), resized (bicubic, antialiased) and centre-cropped to 224 px, normalised, "
+                  "then the model, fp32, random weights, in one process on the same 2 threads; model-only speed-up: "
+                  "the same models on the preprocessed batch.", table=format_end_to_end_table(rows),
+                  command="`make benchmark-deploy` (`python -m experiments.benchmark end_to_end`)")
+    return rows
+
+
+DEPLOYMENT_GRIDS = {"onnx": run_onnx_grid, "latency": run_latency_grid, "end_to_end": run_end_to_end_grid}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.benchmark")
-    parser.add_argument("command", choices=["grid", "compile"])
+    parser.add_argument("command", choices=["grid", "compile", *DEPLOYMENT_GRIDS],
+                        help="grid: the standard grids; compile: eager vs torch.compile; onnx: ONNX Runtime; "
+                             "latency: batch 1 eager, compiled and in ONNX Runtime; end_to_end: from JPEG bytes")
     parser.add_argument("--output", default="BENCHMARKS.md")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
@@ -404,6 +507,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "compile":
         print(format_compare_table(run_compile_grid(Path(args.output), args.warmup, args.repeats)))
+        return 0
+    if args.command in DEPLOYMENT_GRIDS:
+        DEPLOYMENT_GRIDS[args.command](Path(args.output), args.warmup, args.repeats)
         return 0
     for name in GRIDS if args.grid == "all" else [args.grid]:
         print(format_table(run_grid(Path(args.output), args.warmup, args.repeats, name)))

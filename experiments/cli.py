@@ -87,6 +87,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="overrides, and batch_sizes=[1,32] precision=32|bf16-mixed|16-mixed compile=true "
                         "output=FILE.json warmup=N repeats=N device=cpu|cuda avit_depth=FRACTION")
+    p = sub.add_parser("export", help="the student as an ONNX model or a torch.export program, checked against eager")
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="overrides, and format=onnx|torch-export batch_size=N output=PATH dynamic_batch=true "
+                        "resume=RUN_DIR|last|FILE.ckpt (or model.weights=FILE) opset=N atol=X rtol=X")
     p = sub.add_parser("visualize", help="token maps (kept, merged, pruned, halted patches) for any images")
     p.add_argument("config", help="experiment YAML")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
@@ -132,6 +137,7 @@ def run_command(args: argparse.Namespace) -> int:
         shard_command,
         visualize_command,
     )
+    from experiments.export import export_command
 
     early = _EARLY_SIGNALS[-1] if _EARLY_SIGNALS else 0
     commands: dict[str, Callable[[], int]] = {
@@ -141,6 +147,7 @@ def run_command(args: argparse.Namespace) -> int:
         "export-data": lambda: export_data(args.out, args.dataset, args.format, args.samples_per_shard),
         "shard": lambda: shard_command(args.source, args.out, args.samples_per_shard, args.seed),
         "benchmark": lambda: benchmark_command(args.config, args.overrides),
+        "export": lambda: export_command(args.config, args.overrides),
         "config": lambda: config_command(args.config, args.overrides),
         "visualize": lambda: visualize_command(args.config, args.overrides),
         "report": lambda: report_command([r for r in args.runs if not r.startswith("out=")],

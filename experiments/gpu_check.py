@@ -6,7 +6,10 @@
    student eager in fp32 and compiled in bf16-mixed (CUDA graphs at batch 1: `mode="reduce-overhead"`; A-ViT,
    whose shapes change per input, runs eager in bf16), each against its dense model timed both ways in the same
    run; entries past the time box are listed as not measured;
-4. the GPU section of BENCHMARKS.md rewritten with the GPU named (the rows also as JSON).
+4. the GPU section of BENCHMARKS.md rewritten with the GPU named (the rows also as JSON);
+before the grid, every fixed-shape method exported at batch 1 (`torch.export` on the device, and ONNX in ONNX
+Runtime's TensorRT or CUDA provider where installed, with its batch-1 latency): the logit differences go into the
+JSON (`export`).
 
 DEVICE=cpu runs the same script on this machine at tiny sizes (micro ViTs, batch 1 and 4): the tests on the CPU
 (`LEANVIT_TEST_DEVICE=cpu`), the grid with the same code path, the table written under the results folder (never
@@ -187,6 +190,64 @@ def profile_methods(device: str, clock: Clock, path: Path, seconds: float = 60.0
     print(f"[gpu-check] profile written to {path}", flush=True)
 
 
+def export_checks(device: str, clock: Clock, seconds: float, folder: Path) -> list[dict[str, Any]]:
+    """Every fixed-shape method of the grid's first backbone exported (`torch.export`, batch 1, on the device) and
+    run back: the largest logit difference to eager (fp32), and - where this ONNX Runtime has the CUDA or TensorRT
+    provider - the same through ONNX (`leanvit export`'s graph) in that provider, with its batch-1 latency."""
+    from experiments.export import export_program, write_onnx
+
+    gpu = device == "cuda"
+    entries = (gpu_entries() if gpu else cpu_entries())[0][1]
+    try:
+        import onnxruntime as ort
+
+        providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in
+                     ort.get_available_providers()] if gpu else ["CPUExecutionProvider"]
+    except ImportError:
+        ort, providers = None, []
+    stop = clock.elapsed() + seconds
+    rows: list[dict[str, Any]] = []
+    for label, build in entries:
+        if clock.elapsed() > stop or clock.left() <= 0:
+            rows.append({"entry": label, "status": "not checked within the time box"})
+            continue
+        module, method, _ = build()
+        if not type(module).static_shapes:
+            rows.append({"entry": label, "status": "refused: data-dependent shapes"})
+            continue
+        student = module.student.to(device).eval()
+        images = torch.randn(1, 3, *student.vit.patch_embed.img_size, device=device)
+        row: dict[str, Any] = {"entry": label, "method": method}
+        try:
+            with torch.no_grad():
+                expected = student(images)
+                program = export_program(student, images)
+                row["torch_export_max_diff"] = float((program.module()(images) - expected).abs().max())
+            for provider in providers[:1]:
+                path = folder / f"{method}_b1.onnx"
+                write_onnx(export_program(student, images, fused=False), path, {}, 20)
+                session = ort.InferenceSession(str(path), providers=[provider])
+                feed = {"images": images.cpu().numpy()}
+                (logits,) = session.run(["logits"], feed)
+                row[f"{provider}_max_diff"] = float((torch.from_numpy(logits) - expected.cpu()).abs().max())
+                for _ in range(5):
+                    session.run(None, feed)
+                times = []
+                for _ in range(20):
+                    start = time.perf_counter()
+                    session.run(None, feed)
+                    times.append(time.perf_counter() - start)
+                row[f"{provider}_median_ms"] = 1000 * sorted(times)[len(times) // 2]
+                path.unlink(missing_ok=True)
+            row["status"] = "ok"
+        except Exception as error:  # one method's failure must not cost the rest of the loan
+            row["status"] = f"failed: {type(error).__name__}: {str(error)[:200]}"
+        print(f"[gpu-check] export {label}: {row}", flush=True)
+        rows.append(row)
+        del module, student
+    return rows
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -200,6 +261,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--results", default=None, help="results folder (default $OUT, else runs/gpu_check)")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-profile", action="store_true")
+    parser.add_argument("--skip-export", action="store_true")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
@@ -223,6 +285,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         profile_methods(args.device, clock, out / "profile.txt", seconds=0.1 * budget)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     repeats = args.repeats if args.repeats is not None else (20 if gpu else 2)
+    if not args.skip_export:
+        summary["export"] = export_checks(args.device, clock, seconds=0.1 * budget, folder=out)
     rows, skipped = run_grid(args.device, clock, warmup, repeats)
     summary.update(rows=rows, not_measured=skipped, seconds=round(clock.elapsed(), 1))
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))

@@ -62,32 +62,47 @@ def agglomerative_labels(distance: Tensor, num_clusters: int, linkage: Linkage =
     device = distance.device
     # complete and single linkage only pick among the given distances (exact in their own precision, and half the
     # memory traffic of float64 for float32 ones); average linkage averages them, in float64 as scipy does
-    dist = (distance.double() if linkage == "average" else distance).clone()
-    dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    dist = (distance.double() if linkage == "average" else distance)
+    # no cluster pairs with itself (masked_fill, not an in-place fill of the diagonal view: export needs a functional graph)
+    dist = dist.masked_fill(torch.eye(tokens, dtype=torch.bool, device=device), float("inf"))
     count = torch.ones(batch, tokens, dtype=dist.dtype, device=device)
-    owner = torch.arange(tokens, device=device).expand(batch, -1).clone()  # (B, T) each token's cluster
     gone = torch.full((batch, 1, tokens), float("inf"), dtype=dist.dtype, device=device)  # a removed cluster's row
+    flat = torch.arange(tokens * tokens, device=device)
+    pair_of = torch.stack([flat // tokens, flat % tokens], dim=1)  # (T T, 2): a flat index's (row, column)
+    merges = []
     for _ in range(tokens - num_clusters):
-        pair = dist.view(batch, -1).min(dim=1).indices  # (B,) the closest pair, row-major: a < b (argmin is slower)
-        ab = torch.stack([pair // tokens, pair % tokens], dim=1)  # (B, 2)
+        # as few ops per step as possible: at batch 1 this loop's per-op overhead is ATC's cost
+        ab = pair_of[dist.view(batch, -1).min(dim=1).indices]  # (B, 2) the closest pair a < b (row-major first)
         pair_rows = ab[..., None].expand(-1, -1, tokens)  # (B, 2, T)
         da, db = dist.gather(1, pair_rows).unbind(1)  # (B, T) rows a and b
-        if linkage == "complete":
+        if linkage == "complete":  # max with d(a, a) = d(b, b) = inf: no distance to itself, nor to b
             joined = torch.maximum(da, db)
         elif linkage == "single":
-            joined = torch.minimum(da, db)
-        else:
+            joined = torch.minimum(da, db).scatter_(1, ab, float("inf"))  # min would keep d(a, b): set a and b apart
+        else:  # inf stays inf, as for complete
             na, nb = count.gather(1, ab).unbind(1)
             joined = (na[:, None] * da + nb[:, None] * db) / (na + nb)[:, None]
             count.scatter_add_(1, ab[:, :1], nb[:, None])
-        joined.scatter_(1, ab, float("inf"))  # no distance to itself, nor to b (gone)
         rows = torch.cat([joined[:, None], gone], dim=1)  # (B, 2, T): a's new row, b's
         dist.scatter_(1, pair_rows, rows)
-        dist.scatter_(2, ab[:, None].expand(-1, tokens, -1), rows.transpose(1, 2).contiguous())  # the columns: symmetric
-        owner = torch.where(owner == ab[:, 1:], ab[:, :1], owner)
-    alive = torch.zeros(batch, tokens, dtype=torch.long, device=device).scatter_(1, owner, 1)  # surviving clusters
+        dist.scatter_(2, ab[:, None].expand(-1, tokens, -1), rows.transpose(1, 2))  # the columns: symmetric
+        merges.append(ab)
+    return cluster_numbers(merges, batch, tokens, device)
+
+
+def cluster_numbers(merges: list[Tensor], batch: int, tokens: int, device: torch.device) -> Tensor:
+    """The merge steps [(B, 2): a < b, b joined a] -> labels (B, T): each token's final cluster, numbered in order of
+    its first member. b's parent is a (every b is merged away once); a token's cluster is the root of its parent chain,
+    found by pointer jumping: ceil(log2 T) gathers instead of one relabelling per step."""
+    parent = torch.arange(tokens, device=device).expand(batch, -1).clone()  # (B, T)
+    if merges:
+        steps = torch.stack(merges, dim=1)  # (B, S, 2)
+        parent.scatter_(1, steps[..., 1], steps[..., 0])
+    for _ in range(max(tokens - 1, 1).bit_length()):
+        parent = parent.gather(1, parent)
+    alive = torch.zeros(batch, tokens, dtype=torch.long, device=device).scatter_(1, parent, 1)  # surviving clusters
     rank = alive.cumsum(dim=1) - 1  # (B, T) each survivor's number, in order of its first member
-    return rank.gather(1, owner)
+    return rank.gather(1, parent)
 
 
 def merge_clusters(x: Tensor, size: Optional[Tensor], labels: Tensor, num_clusters: int,

@@ -26,8 +26,8 @@ def test_the_time_box_stops_the_grid_and_names_what_it_left(tmp_path: Path) -> N
     """A 1-second box: the first entry (already started) is measured, every later one is listed as not measured,
     in the JSON and under the table; nothing is written to BENCHMARKS.md on the CPU."""
     before = (REPO / "BENCHMARKS.md").read_text()
-    assert gpu_check.main(["--device", "cpu", "--skip-tests", "--skip-profile", "--budget", "1", "--results", str(tmp_path),
-                           "--repeats", "1", "--warmup", "0"]) == 0
+    assert gpu_check.main(["--device", "cpu", "--skip-tests", "--skip-profile", "--skip-export", "--budget", "1",
+                           "--results", str(tmp_path), "--repeats", "1", "--warmup", "0"]) == 0
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     entries = len(gpu_check.cpu_entries()[0][1]) * len(gpu_check.CPU_BATCHES)
     assert 1 <= len(summary["rows"]) < entries
@@ -36,6 +36,19 @@ def test_the_time_box_stops_the_grid_and_names_what_it_left(tmp_path: Path) -> N
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| dense | vit_micro_patch4_32 | 1 |" in table and "not measured within the time box" in table
     assert (REPO / "BENCHMARKS.md").read_text() == before
+
+
+def test_export_checks_round_trip_and_refuse_avit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loan's export step (here on the CPU, ONNX in the CPU provider): the exported logits are the eager ones,
+    A-ViT is refused, no ONNX file is left in the results."""
+    entries = [(label, build) for label, build in gpu_check.cpu_entries()[0][1] if label in ("evit", "avit")]
+    monkeypatch.setattr(gpu_check, "cpu_entries", lambda: [("vit_micro_patch4_32", entries)])
+    rows = gpu_check.export_checks("cpu", gpu_check.Clock(600), 600, tmp_path)
+    evit, avit = rows
+    assert evit["status"] == "ok" and evit["torch_export_max_diff"] < 1e-4
+    assert evit["CPUExecutionProvider_max_diff"] < 1e-4 and evit["CPUExecutionProvider_median_ms"] > 0
+    assert avit["status"].startswith("refused")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
@@ -52,3 +65,5 @@ def test_make_gpu_check_on_the_cpu(tmp_path: Path) -> None:
     profile = (tmp_path / "profile.txt").read_text()
     assert all(f"## {method}\nhost syncs per forward:" in profile for method in METHODS)
     assert {r["method"] for r in summary["rows"]} == set(METHODS)
+    assert {r["method"] for r in summary["export"] if r["status"] == "ok"} == {m for m in METHODS if
+                                                                              METHODS[m].static_shapes}
