@@ -37,7 +37,10 @@ def onnx_runtime_name(threads: Optional[int] = None) -> str:
 
 def time_onnx(path: Path, images: Tensor, warmup: int, repeats: int) -> Timing:
     """Median images/s and latency of an exported model in an ONNX Runtime CPU session."""
-    session = onnx_session(path)
+    return time_session(onnx_session(path), images, warmup, repeats)
+
+
+def time_session(session: Any, images: Tensor, warmup: int, repeats: int) -> Timing:
     feed = {"images": images.cpu().numpy()}
     for _ in range(warmup):
         session.run(None, feed)
@@ -64,9 +67,9 @@ def to_onnx(student: nn.Module, images: Tensor, path: Path) -> Path:
 
 
 def onnx_rows(module: Any, method: str, batch_sizes: list[int], *, warmup: int = 3, repeats: int = 10,
-              workdir: Optional[Path] = None, dense_cache: Optional[dict[tuple, Timing]] = None) -> list[dict[str, Any]]:
-    """Rows (ROW_KEYS) for a module's student and its dense backbone, both exported to ONNX and timed in ONNX
-    Runtime on this CPU (fp32); `dense_cache` shares the dense timings between the methods of a grid."""
+              workdir: Optional[Path] = None, dense_cache: Optional[dict[tuple, Any]] = None) -> list[dict[str, Any]]:
+    """Rows (ROW_KEYS) for a module's student and its dense backbone, both exported to ONNX and timed side by side
+    in ONNX Runtime on this CPU (fp32); `dense_cache` keeps the dense sessions of a grid (re-timed for each row)."""
     from experiments.export import refuse_adaptive
 
     refuse_adaptive(type(module), method)
@@ -79,14 +82,13 @@ def onnx_rows(module: Any, method: str, batch_sizes: list[int], *, warmup: int =
             print(f"leanvit benchmark: {method} {module.hparams.backbone} batch {batch_size} in ONNX Runtime (and its "
                   f"dense model) ...", file=sys.stderr, flush=True)
             images = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
-            timing = time_onnx(to_onnx(module.student, images, Path(tmp) / f"s{batch_size}.onnx"), images, warmup,
-                               repeats)
             key = (module.hparams.backbone, str(module.hparams.backbone_kwargs), batch_size)
             cache = {} if dense_cache is None else dense_cache
             if key not in cache:
-                cache[key] = time_onnx(to_onnx(dense, images, Path(tmp) / f"d{batch_size}.onnx"), images, warmup,
-                                       repeats)
-            dense_timing = cache[key]
+                cache[key] = onnx_session(to_onnx(dense, images, Path(tmp) / f"d{batch_size}.onnx"))
+            dense_timing = time_session(cache[key], images, warmup, repeats)
+            timing = time_onnx(to_onnx(module.student, images, Path(tmp) / f"s{batch_size}.onnx"), images, warmup,
+                               repeats)
             gmacs, dense_gmacs = mean_gmacs(module.student, images), mean_gmacs(dense, images)
             speedup = timing.images_per_sec / dense_timing.images_per_sec
             rows.append(dict(method=method, backbone=module.hparams.backbone, batch_size=batch_size, precision="32",
@@ -106,12 +108,14 @@ PATHS = ("eager", "compiled", "onnxruntime")
 
 
 def latency_rows(module: Any, method: str, *, paths: tuple[str, ...] = PATHS, batch_size: int = 1, warmup: int = 5,
-                 repeats: int = 30, dense_cache: Optional[dict[tuple, Timing]] = None,
+                 repeats: int = 30, dense_cache: Optional[dict[tuple, Callable[[], Timing]]] = None,
                  avit_depth: Optional[float] = None) -> list[dict[str, Any]]:
     """Latency (median and 90th percentile, ms) of a module's student at `batch_size` next to its dense backbone,
     on each deployment path: eager (the dense model at its fastest attention path), torch.compile (inductor,
     default mode; a method with per-image shapes runs eager there) and ONNX Runtime (fixed-shape methods only).
-    Speed-up: the dense median over the student's, on the same path."""
+    The dense model is timed again right before each student (`dense_cache` keeps the built, compiled or exported
+    dense models of a grid, not their timings: this machine drifts). Speed-up: the dense median over the student's,
+    on the same path."""
     from experiments.benchmark import calibrate_halting, compiled
 
     module = module.cpu().eval()
@@ -120,8 +124,9 @@ def latency_rows(module: Any, method: str, *, paths: tuple[str, ...] = PATHS, ba
     if method == "avit" and avit_depth is not None:
         calibrate_halting(module.student, images, avit_depth)
     static = type(module).static_shapes
-    cache: dict[tuple, Timing] = {} if dense_cache is None else dense_cache
+    cache: dict[tuple, Callable[[], Timing]] = {} if dense_cache is None else dense_cache
     gmacs = mean_gmacs(module.student, images)
+    dense_gmacs = mean_gmacs(dense_student(module, images.device), images)
     rows = []
     for path in paths:
         if path == "onnxruntime" and not static:
@@ -130,11 +135,10 @@ def latency_rows(module: Any, method: str, *, paths: tuple[str, ...] = PATHS, ba
               file=sys.stderr, flush=True)
         key = (module.hparams.backbone, str(module.hparams.backbone_kwargs), batch_size, path)
         if key not in cache:
-            cache[key] = dense_latency(module, images, path, warmup, repeats)
-        dense = cache[key]
+            cache[key] = dense_timer(module, images, path, warmup, repeats)
+        dense = cache[key]()
         timing = student_latency(module.student, images, path if static or path != "compiled" else "eager",
                                  warmup, repeats, compiled)
-        dense_gmacs = mean_gmacs(dense_student(module, images.device), images)
         speedup = dense.median_ms / timing.median_ms
         rows.append(dict(method=method, backbone=module.hparams.backbone, path=path if static or path == "eager"
                          else "compiled (runs eager)", batch_size=batch_size, median_ms=timing.median_ms,
@@ -146,18 +150,19 @@ def latency_rows(module: Any, method: str, *, paths: tuple[str, ...] = PATHS, ba
     return rows
 
 
-def dense_latency(module: Any, images: Tensor, path: str, warmup: int, repeats: int) -> Timing:
+def dense_timer(module: Any, images: Tensor, path: str, warmup: int, repeats: int) -> Callable[[], Timing]:
+    """The dense backbone built once for a path (eager at its faster attention path, compiled, or exported into an
+    ONNX Runtime session) and a function that times it again."""
     from experiments.benchmark import compiled
 
-    if path == "eager":
-        return dense_baseline(module, images, "32", warmup, repeats).timing
     dense = dense_student(module, images.device)
-    if path == "compiled":
-        fused = dense_baseline(module, images, "32", 1, 3).fused
-        set_fused_attention(dense, fused)
-        return time_model(compiled(dense), images, "32", warmup, repeats)
-    with tempfile.TemporaryDirectory() as tmp:
-        return time_onnx(to_onnx(dense, images, Path(tmp) / "dense.onnx"), images, warmup, repeats)
+    set_fused_attention(dense, dense_baseline(module, images, "32", 1, 3).fused)
+    if path == "onnxruntime":
+        with tempfile.TemporaryDirectory() as tmp:
+            session = onnx_session(to_onnx(dense, images, Path(tmp) / "dense.onnx"))  # loaded: the file may go
+        return lambda: time_session(session, images, warmup, repeats)
+    model = compiled(dense) if path == "compiled" else dense
+    return lambda: time_model(model, images, "32", warmup, repeats)
 
 
 def student_latency(student: nn.Module, images: Tensor, path: str, warmup: int, repeats: int,

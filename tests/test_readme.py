@@ -11,7 +11,7 @@ import pytest
 
 from helpers import REPO
 
-COMMANDS = ("fit", "validate", "test", "config", "benchmark", "visualize", "report", "export-data", "shard")
+COMMANDS = ("fit", "validate", "test", "config", "benchmark", "export", "visualize", "report", "export-data", "shard")
 
 
 def readme_commands() -> list[list[str]]:
@@ -42,6 +42,7 @@ def test_readme_command_is_valid(args: list[str], capsys: pytest.CaptureFixture[
     from experiments.build import load_checked
     from experiments.cli import main
     from experiments.commands import VISUALIZE_KEYS
+    from experiments.export import EXPORT_KEYS, check_export_options
 
     if args[0] in ("--help", "-h") or args[1:2] == ["--help"]:
         with pytest.raises(SystemExit) as done:
@@ -53,8 +54,10 @@ def test_readme_command_is_valid(args: list[str], capsys: pytest.CaptureFixture[
         assert len(args) >= 2 + (args[0] == "shard"), args
         return
     config, overrides = args[1], args[2:]
-    extra = {"benchmark": BENCHMARK_KEYS, "visualize": VISUALIZE_KEYS}.get(args[0])
+    extra = {"benchmark": BENCHMARK_KEYS, "visualize": VISUALIZE_KEYS, "export": EXPORT_KEYS}.get(args[0])
     cfg = load_checked(config, overrides, extra)
+    if args[0] == "export":
+        check_export_options(cfg)
     if args[0] == "benchmark":
         if "device=cuda" not in overrides:
             check_benchmark_options(cfg)
