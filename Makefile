@@ -57,7 +57,7 @@ benchmark: $(STAMP)
 # Deployment (BENCHMARKS.md): every method exported and timed in ONNX Runtime (DeiT-T/S, batch 1 and 32), batch-1
 # latency eager / compiled / ONNX Runtime (DeiT-S), and end to end from JPEG bytes (DeiT-S, batch 32)
 benchmark-deploy: $(STAMP)
-	$(PY) -m experiments.benchmark onnx --output BENCHMARKS.md
+	$(PY) -m experiments.benchmark onnx --output BENCHMARKS.md --repeats 10
 	$(PY) -m experiments.benchmark latency --output BENCHMARKS.md --repeats 30
 	$(PY) -m experiments.benchmark end_to_end --output BENCHMARKS.md --repeats 8
 

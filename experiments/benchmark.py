@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from callbacks.throughput import ROW_KEYS, dense_baseline, measure, set_fused_attention, time_model
+from experiments.deployment import calibrate_halting, compiled, dense_twin
 
 # Top-level keys `leanvit benchmark` accepts besides an experiment's own.
 BENCHMARK_KEYS: dict[str, Any] = {
@@ -37,21 +38,6 @@ BENCHMARK_KEYS: dict[str, Any] = {
 RUNTIMES = ("torch", "onnxruntime")
 
 
-def calibrate_halting(student: torch.nn.Module, images: torch.Tensor, depth_fraction: float) -> float:
-    """Set an A-ViT student's gate_center so its mean depth on `images` is `depth_fraction` of the blocks.
-    Untrained (random) weights barely halt; this stands in for trained ones in a speed benchmark."""
-    from lightning_modules.avit import average_depth
-
-    low, high = -100.0, 300.0
-    for _ in range(20):
-        student.gate_center = (low + high) / 2
-        with torch.inference_mode():
-            _, trace = student.eval()(images, trace=True)
-        depth = float(average_depth(trace).mean()) / student.depth
-        low, high = (student.gate_center, high) if depth < depth_fraction else (low, student.gate_center)
-    return student.gate_center
-
-
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -60,26 +46,9 @@ def resolve_device(device: str = "auto") -> torch.device:
                         ("cpu" if device == "auto" else device))
 
 
-def compiled(model: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
-    """torch.compile as the benchmark uses it (the modes recording CUDA graphs are for a GPU). Dynamo's caches are
-    cleared first: a grid compiles the same `forward` for many models, and past dynamo's recompile limit (8 in some
-    torch releases) it would silently run the later ones eager."""
-    torch._dynamo.reset()
-    return torch.compile(model, mode=None if mode == "default" else mode)
-
-
 def grid_compile_mode(batch_size: int) -> str:
     """The grids' compile mode: CUDA graphs for the latency case (batch 1 on a GPU), else inductor's default."""
     return "reduce-overhead" if batch_size == 1 and torch.cuda.is_available() else "default"
-
-
-def dense_twin(module: Any, device: torch.device) -> torch.nn.Module:
-    """A dense student of the module's backbone (random weights: its speed does not depend on them)."""
-    from lightning_modules.vit import ViTStudent, create_vit
-
-    hp = module.hparams
-    vit = create_vit(hp.backbone, num_classes=hp.num_classes, img_size=hp.img_size, **(hp.backbone_kwargs or {}))
-    return ViTStudent(vit).eval().to(device)
 
 
 def benchmark_module(module: Any, method: str, batch_sizes: list[int], *, precision: str = "32",
