@@ -328,15 +328,21 @@ def run_grid(markdown: Path, warmup: int, repeats: int, name: str = "deit") -> l
     batch_sizes, precision = ([1, 32, 256], "bf16-mixed") if gpu else (cpu_batches, "32")
     rows = []
     for backbone, entries in grid.items():
-        built = [build_entry(config, overrides) for config, overrides in entries]
-        methods = [cfg["method"] for _, cfg in built]
-        for module, cfg in built:
-            # a method with several rows in one backbone (MCTF and MCTF-Fast) is told apart by its settings
-            label = setting_label(cfg) if name in LABELLED or methods.count(cfg["method"]) > 1 else cfg["method"]
+        for module, cfg, label in labelled_entries(entries, by_settings=name in LABELLED):
             rows += benchmark_module(module, label, batch_sizes, precision=precision, warmup=warmup,
                                      repeats=repeats, avit_depth=cfg.get("avit_depth"))
     write_section(markdown, rows, "" if name == "deit" else name, note)
     return rows
+
+
+def labelled_entries(entries: list[tuple[str, list[str]]],
+                     by_settings: bool = False) -> list[tuple[Any, dict[str, Any], str]]:
+    """A grid backbone's entries built (module, config) with their row labels: the method, or - for a method with
+    several rows there (MCTF and MCTF-Fast), or with `by_settings` - the method and its settings."""
+    built = [build_entry(config, overrides) for config, overrides in entries]
+    methods = [cfg["method"] for _, cfg in built]
+    return [(module, cfg, setting_label(cfg) if by_settings or methods.count(cfg["method"]) > 1 else cfg["method"])
+            for module, cfg in built]
 
 
 def setting_label(cfg: dict[str, Any]) -> str:
@@ -407,11 +413,8 @@ def run_onnx_grid(markdown: Path, warmup: int, repeats: int) -> list[dict[str, A
     rows: list[dict[str, Any]] = []
     cache: dict[tuple, Any] = {}
     for backbone, entries in DEIT_GRID.items():
-        built = [build_entry(config, overrides) for config, overrides in entries]
-        methods = [cfg["method"] for _, cfg in built]
-        for module, cfg in built:
+        for module, cfg, label in labelled_entries(entries):
             if type(module).static_shapes and cfg["method"] != "dense":
-                label = setting_label(cfg) if methods.count(cfg["method"]) > 1 else cfg["method"]
                 rows += onnx_rows(module, label, [1, 32], warmup=warmup, repeats=repeats, dense_cache=cache)
     write_section(markdown, rows, "onnxruntime", "each student and its dense backbone exported by `leanvit export`'s "
                   "path (torch.export -> ONNX, opset 20), fp32, random weights, timed side by side in an ONNX Runtime "
@@ -426,11 +429,7 @@ def run_latency_grid(markdown: Path, warmup: int, repeats: int, backbone: str = 
 
     rows: list[dict[str, Any]] = []
     cache: dict[tuple, Any] = {}
-    entries = DEIT_GRID[backbone]
-    built = [build_entry(config, overrides) for config, overrides in entries]
-    methods = [cfg["method"] for _, cfg in built]
-    for module, cfg in built:
-        label = setting_label(cfg) if methods.count(cfg["method"]) > 1 else cfg["method"]
+    for module, cfg, label in labelled_entries(DEIT_GRID[backbone]):
         rows += latency_rows(module, label, warmup=warmup, repeats=repeats, dense_cache=cache,
                              avit_depth=cfg.get("avit_depth"))
     write_section(markdown, rows, "latency", "batch 1, fp32, random weights (A-ViT halting at the papers' mean "
@@ -446,10 +445,7 @@ def run_end_to_end_grid(markdown: Path, warmup: int, repeats: int, backbone: str
     from experiments.deployment import end_to_end_rows, format_end_to_end_table
 
     rows: list[dict[str, Any]] = []
-    built = [build_entry(config, overrides) for config, overrides in DEIT_GRID[backbone]]
-    methods = [cfg["method"] for _, cfg in built]
-    for module, cfg in built:
-        label = setting_label(cfg) if methods.count(cfg["method"]) > 1 else cfg["method"]
+    for module, cfg, label in labelled_entries(DEIT_GRID[backbone]):
         rows += end_to_end_rows(module, label, [32], warmup=warmup, repeats=repeats, avit_depth=cfg.get("avit_depth"))
     write_section(markdown, rows, "end to end", "32 synthetic 500 x 375 JPEGs (quality 90) per call, decoded by "
                   "torchvision (libjpeg-turbo), resized (bicubic, antialiased) and centre-cropped to 224 px, normalised, "
