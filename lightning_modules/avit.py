@@ -172,9 +172,13 @@ class AViTStudent(ViTStudent):
         self.gate_center = gate_center
         self.eps = eps
 
+    dense_from_trace = False  # its tokens never move: each patch's ACT output is its dense feature
+
     def head_tokens(self) -> int:
         """How many leading tokens the head reads: an image is finished once they have halted
-        (0: global pooling reads every token, so an image runs until all halt)."""
+        (0: global pooling or a dense head reads every token, so an image runs until all halt)."""
+        if self.reads_patches:
+            return 0
         if self.vit.global_pool == "token" or hasattr(self.vit, "dist_token"):
             return 2 if getattr(self.vit, "dist_token", None) is not None else 1
         return 0
@@ -283,6 +287,12 @@ class AViTStudent(ViTStudent):
 
     def loss_inputs(self, x: Tensor, state: Optional[HaltingOutput]) -> Optional[HaltingOutput]:
         return state
+
+    def dense_features(self, x: Tensor, state: Optional[HaltingOutput], recorder: Optional[TraceRecorder]) -> Tensor:
+        """A-ViT's own dense rule: each patch's halting-weighted (ACT) output - the sum of its block outputs
+        weighted as the class token's is for the head - through the final norm. Tokens never move, so this is
+        `x` at the patch positions: a halted patch keeps what it contributed up to halting."""
+        return self.vit.norm(x[:, self.num_prefix_tokens:])
 
     def tokens_out(self, x: Tensor, state: Optional[HaltingOutput]) -> Tensor:
         return x.new_zeros(x.shape[0], dtype=torch.long)  # every token has halted after the last block

@@ -318,10 +318,11 @@ class DiffRateStudent(ViTStudent):
         for layer, block in enumerate(self.blocks_of(DiffRateBlock)):
             if recorder is not None:
                 recorder.block(mask.sum(1))
+            entering = x
             x, size, mask, prune, merge, dest = self.run_block(block.search, x, size, mask, self.rates.prune[layer],
                                                                self.rates.merge[layer], recorder is not None)
             if recorder is not None and dest is not None:
-                recorder.remap(dest)
+                recorder.remap(dest, entering)
                 recorder.mlp(mask.sum(1))
             counts.append((prune, merge))
         # what evaluation uses from now on, as the official kept_token_number

@@ -136,9 +136,10 @@ class DynamicViTStudent(ViTStudent):
         keep = min(int(num_patches * keep_ratios(self.keep_rate, stage + 1)[stage]), score.shape[1])
         if keep < score.shape[1]:
             # descending score, as the official argsort; the official mask is all ones at inference
+            entering = x
             x, dest = keep_topk(x, score, keep, prefix)
             if recorder is not None:
-                recorder.remap(dest)
+                recorder.remap(dest, entering)
         return x, None
 
     def masked_blocks(self, x: Tensor, recorder: Optional[TraceRecorder] = None,
@@ -158,7 +159,7 @@ class DynamicViTStudent(ViTStudent):
                 decisions.append(decision[..., 0])
                 policy = torch.cat([x.new_ones(batch, prefix), decision[..., 0]], dim=1)
                 if recorder is not None:
-                    recorder.drop(policy > 0.5)
+                    recorder.drop(policy > 0.5, x)
             if recorder is not None:
                 recorder.block(policy.sum(1))
             x, _, _ = self.run_block(block.reduce, x, policy, None, False, self.layer_rope(rope, layer))

@@ -7,6 +7,7 @@ counting read only the finished `TokenTrace`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -68,27 +69,57 @@ class TraceRecorder:
     grid_size: tuple[int, int]
     positions: Tensor  # (B, N0) where each patch's token is in the sequence (masked tokens stay in place); -1: pruned
     moves: int = 0  # reductions that moved tokens so far (RoPE follows them: see `ViTStudent.block_rope`)
+    left: Optional[Tensor] = None  # (B, N0, C) with `keep_left`: each left patch's token as it was when it left
     owners: list[Tensor] = field(default_factory=list)
     counts: list[Tensor] = field(default_factory=list)
     mlp_counts: list[Tensor] = field(default_factory=list)
 
     @classmethod
-    def start(cls, batch: int, grid_size: tuple[int, int], num_prefix_tokens: int, device: torch.device) -> TraceRecorder:
+    def start(cls, batch: int, grid_size: tuple[int, int], num_prefix_tokens: int, device: torch.device,
+              keep_left: Optional[Tensor] = None) -> TraceRecorder:
+        """`keep_left`: the embedded tokens `(B, prefix + N0, C)` when the pass restores a dense output
+        (`ViTStudent.dense_features`): every reduction then stores the tokens of the patches that leave."""
         num_patches = grid_size[0] * grid_size[1]
         owner = torch.arange(num_prefix_tokens, num_prefix_tokens + num_patches, device=device)
         owner = owner.expand(batch, -1).clone()
-        return cls(owner, num_prefix_tokens, (grid_size[0], grid_size[1]), owner)
+        left = None if keep_left is None else keep_left.new_zeros(batch, num_patches, keep_left.shape[-1])
+        return cls(owner, num_prefix_tokens, (grid_size[0], grid_size[1]), owner, left=left)
 
-    def remap(self, dest: Tensor) -> None:
-        """Tokens moved: `dest (B, N)` is each current token's new position, or -1 when it left."""
-        self.owner = remap_owner(self.owner, dest)
+    def remap(self, dest: Tensor, x: Optional[Tensor] = None) -> None:
+        """Tokens moved: `dest (B, N)` is each current token's new position, or -1 when it left; `x (B, N, C)`:
+        the tokens as they were before this reduction (their last complete block's output), kept for the
+        patches that leave when the pass restores a dense output."""
+        owner = remap_owner(self.owner, dest)
+        self._keep_leaving(owner, x)
+        self.owner = owner
         self.positions = remap_owner(self.positions, dest)
         self.moves += 1
 
-    def drop(self, keep: Tensor) -> None:
-        """Tokens stay in place but some stop taking part: `keep (B, N)` bool."""
+    def drop(self, keep: Tensor, x: Optional[Tensor] = None) -> None:
+        """Tokens stay in place but some stop taking part: `keep (B, N)` bool; `x` as for `remap`."""
         positions = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
-        self.owner = remap_owner(self.owner, positions.masked_fill(~keep, -1))
+        owner = remap_owner(self.owner, positions.masked_fill(~keep, -1))
+        self._keep_leaving(owner, x)
+        self.owner = owner
+
+    def _keep_leaving(self, owner: Tensor, x: Optional[Tensor]) -> None:
+        """Store, into `left`, the token of every patch that takes part before (`self.owner`) but not after
+        (`owner`): `x (B, N, C)` is indexed by the current owner map."""
+        if self.left is None:
+            return
+        if x is None:
+            raise RuntimeError("TraceRecorder: a reduction that drops tokens must pass the tokens it drops them "
+                               "from (x) when the pass restores a dense output")
+        leaving = (self.owner >= 0) & (owner < 0)  # (B, N0)
+        index = self.owner.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1])  # (B, N0, C)
+        self.left = torch.where(leaving[..., None], x.gather(1, index), self.left)
+
+    def dense(self, x: Tensor) -> Tensor:
+        """The dense map `(B, N0, C)` at the end of the pass: each patch's carrying token in `x (B, N, C)`, or
+        its token when it left."""
+        assert self.left is not None, "TraceRecorder.start(keep_left=...) was not given"
+        index = self.owner.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1])  # (B, N0, C)
+        return torch.where((self.owner >= 0)[..., None], x.gather(1, index), self.left)
 
     def place(self, owner: Tensor) -> None:
         """Set the owner map outright (`(B, N0)`, -1 when gone): for methods that track positions themselves."""

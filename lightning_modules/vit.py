@@ -129,6 +129,7 @@ class StudentOutput(Generic[LossInputs]):
     logits: Any  # (B, classes); a distilled DeiT training with a teacher returns (class head, distillation head)
     trace: Optional[TokenTrace] = None  # when asked for
     loss_inputs: Optional[LossInputs] = None  # what the method's loss reads (DynamicViT's decisions, A-ViT's halting)
+    dense: Optional[Tensor] = None  # (B, N0, C) final-norm features per patch, when asked for (`dense_features`)
 
 
 def is_eva(backbone: str) -> bool:
@@ -261,19 +262,43 @@ class ViTStudent(nn.Module):
         assert out.trace is not None
         return out.logits, out.trace
 
-    def run(self, images: Tensor, train: bool = False, trace: bool = False) -> StudentOutput[Any]:
+    def run(self, images: Tensor, train: bool = False, trace: bool = False, dense: bool = False) -> StudentOutput[Any]:
         """The one forward pass of every method. `train`: the method's training computation (DynamicViT's Gumbel
         masks, A-ViT's masked halting, DiffRate's rate search), independent of the module's mode (dropout);
-        `trace`: record the token trace."""
+        `trace`: record the token trace; `dense`: restore the patch features (`dense_features`)."""
         x, rope = self.embed_rope(images)
         recorder = None
-        if trace or rope is not None:  # RoPE follows the tokens through the positions the recorder keeps
-            recorder = TraceRecorder.start(x.shape[0], self.grid_size(images), self.num_prefix_tokens, x.device)
+        if trace or dense or rope is not None:  # RoPE follows the tokens through the positions the recorder keeps
+            keep_left = x if dense and self.dense_from_trace else None
+            recorder = TraceRecorder.start(x.shape[0], self.grid_size(images), self.num_prefix_tokens, x.device,
+                                           keep_left=keep_left)
         x, state = self.forward_blocks(x, recorder, rope, train)
+        features = self.dense_features(x, state, recorder) if dense else None
         x = self.vit.norm(x)
         logits = self.forward_head(x, state)
         finished = recorder.finish(self.tokens_out(x, state)) if trace and recorder is not None else None
-        return StudentOutput(logits, finished, self.loss_inputs(x, state))
+        return StudentOutput(logits, finished, self.loss_inputs(x, state), features)
+
+    # Dense outputs (segmentation): a method whose tokens stay in place with their own rule sets this False and
+    # overrides `dense_features` (A-ViT)
+    dense_from_trace: bool = True
+    # Set by a dense task (segmentation): every patch's output is read, not only the head's tokens (A-ViT then
+    # runs every image until all its tokens halt)
+    reads_patches: bool = False
+
+    def forward_dense(self, images: Tensor) -> Tensor:
+        """`(B, N0, C)` final-norm features of every patch, in the module's mode (`dense_features`)."""
+        features = self.run(images, train=self.training, dense=True).dense
+        assert features is not None
+        return features
+
+    def dense_features(self, x: Tensor, state: Any, recorder: Optional[TraceRecorder]) -> Tensor:
+        """The patch features a dense head reads, from the blocks' output `x (B, N, C)` (before the final norm):
+        a patch carried by a token (its own, a merged or a fused one) takes that token's features; a patch that
+        left (pruned) takes its token's output of the last block it completed, as the trace recorder stored it
+        when it left. Both through the final norm -> `(B, N0, C)`."""
+        assert recorder is not None and recorder.left is not None
+        return self.vit.norm(recorder.dense(x))
 
     def forward_blocks(self, x: Tensor, recorder: Optional[TraceRecorder], rope: Optional[Tensor] = None,
                        train: bool = False) -> tuple[Tensor, Any]:
@@ -299,9 +324,10 @@ class ViTStudent(nn.Module):
             if not isinstance(block, ReductionBlock):
                 x = self.run_block(block, x) if block_rope is None else self.run_block(block, x, rope=block_rope)
                 continue
+            entering = x
             x, state, dest = self.run_block(block.reduce, x, state, setting, recorder is not None, block_rope)
             if recorder is not None and dest is not None:
-                recorder.remap(dest)
+                recorder.remap(dest, entering)  # a token dropped inside the block last completed the one before
                 recorder.mlp(x.shape[1])
         return x, state
 
