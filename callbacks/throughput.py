@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from lightning_modules import method_name
 from lightning_modules.base import ReductionModule
-from lightning_modules.macs import count_macs
 from lightning_modules.vit import ViTStudent, create_vit
 
 ROW_KEYS = ("method", "backbone", "batch_size", "precision", "images_per_sec", "dense_images_per_sec", "speedup",
@@ -128,11 +127,12 @@ def dense_baseline(module: ReductionModule, images: Tensor, precision: str = "32
     fastest attention path, and count its MACs."""
     hp = module.hp
     vit = create_vit(hp.backbone, num_classes=hp.num_classes, img_size=hp.img_size, **(hp.backbone_kwargs or {}))
-    dense = ViTStudent(vit).eval().to(images.device)
+    student = ViTStudent(vit).eval().to(images.device)
+    dense = module.inference_model(student).eval().to(images.device)  # with a segmentation module's decode head
     with torch.inference_mode():
-        _, trace = dense(images, trace=True)
+        _, trace = student(images, trace=True)
     timing, fused = fastest_dense(dense, images, precision, warmup, repeats)
-    return DenseBaseline(timing, float(count_macs(dense, trace).mean()) / 1e9, fused)
+    return DenseBaseline(timing, float(module.inference_macs(student, trace).mean()) / 1e9, fused)
 
 
 def measure(module: ReductionModule, images: Tensor, dense: DenseBaseline, *, precision: str = "32", warmup: int = 3,
@@ -145,8 +145,9 @@ def measure(module: ReductionModule, images: Tensor, dense: DenseBaseline, *, pr
     with torch.inference_mode():
         _, trace = student.eval()(images, trace=True)
     student.train(was_training)
-    gmacs = float(count_macs(student, trace).mean()) / 1e9 if gmacs is None else gmacs
-    timing = time_model(model if model is not None else student, images, precision, warmup, repeats)
+    gmacs = float(module.inference_macs(student, trace).mean()) / 1e9 if gmacs is None else gmacs
+    timed = model if model is not None else module.inference_model(student)
+    timing = time_model(timed, images, precision, warmup, repeats)
     speedup = timing.images_per_sec / dense.timing.images_per_sec
     mac_ratio = dense.gmacs / gmacs
     return dict(method=method_name(module), backbone=module.hp.backbone,

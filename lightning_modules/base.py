@@ -84,6 +84,10 @@ def check_shared_args(hp: Any) -> None:
         need(0 <= hp[key] <= 1, key, "a value in [0, 1]")
     need(hp.distill_tau > 0, "distill_tau", "a positive temperature")
     need(len(hp.betas) == 2 and all(0 <= b < 1 for b in hp.betas), "betas", "[beta1, beta2] in [0, 1)")
+    need(hp.optimizer in ("adamw", "sgd"), "optimizer", "adamw (DeiT) or sgd (with momentum: Segmenter)")
+    need(0 <= hp.momentum < 1, "momentum", "a value in [0, 1)")
+    need(hp.lr_schedule in ("cosine", "poly"), "lr_schedule", "cosine (DeiT) or poly (Segmenter: (1 - t/T)^poly_power)")
+    need(hp.poly_power > 0, "poly_power", "a positive power, e.g. 0.9")
     need(hp.ema_decay is None or 0 < hp.ema_decay < 1, "ema_decay", "a decay in (0, 1), e.g. 0.99996 (or null: no EMA)")
 
 
@@ -216,6 +220,10 @@ class ReductionModule(pl.LightningModule):
         reduction_schedule: Optional[dict[str, float]] = None,
         keep_rate_schedule: Optional[dict[str, float]] = None,
         linear_probe: bool = False,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        momentum: float = 0.9,
+        lr_schedule: Literal["cosine", "poly"] = "cosine",
+        poly_power: float = 0.9,
     ) -> None:
         super().__init__()
         # Plain containers only: the hyperparameters go into every checkpoint (read with weights_only=True).
@@ -339,6 +347,15 @@ class ReductionModule(pl.LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.student(images)
+
+    def inference_model(self, student: ViTStudent) -> nn.Module:
+        """What inference runs around a student - the student itself here; a segmentation module adds its decode
+        head. The throughput callback and the benchmarks time this, for the student and for its dense twin."""
+        return student
+
+    def inference_macs(self, student: ViTStudent, trace: TokenTrace) -> Tensor:
+        """(B,) MACs of `inference_model(student)` on a pass with this trace."""
+        return count_macs(student, trace)
 
     # ------------------------------------------------------------------------------------------ loss
     def classification_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -532,7 +549,11 @@ class ReductionModule(pl.LightningModule):
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         hp = self.hp
         lr = self.learning_rate()
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=lr, betas=tuple(hp.betas), eps=hp.opt_eps)
+        optimizer: torch.optim.Optimizer
+        if hp.optimizer == "sgd":  # Segmenter's: SGD with momentum (its weight decay 0 comes from the recipe)
+            optimizer = torch.optim.SGD(self.param_groups(), lr=lr, momentum=hp.momentum)
+        else:
+            optimizer = torch.optim.AdamW(self.param_groups(), lr=lr, betas=tuple(hp.betas), eps=hp.opt_eps)
         epochs = self.trainer.max_epochs
         if not epochs or epochs < 0:
             raise ValueError("trainer.max_epochs: must be set, the warm-up + cosine schedule spans it")
@@ -541,9 +562,11 @@ class ReductionModule(pl.LightningModule):
         # warmup_prefix: the warm-up comes before a cosine over the remaining epochs (DynamicViT's cosine_scheduler);
         # otherwise the cosine spans every epoch with the warm-up overriding its start (DeiT's timm scheduler)
         cosine_epochs = max(epochs - hp.warmup_epochs, 1e-3) if hp.warmup_prefix else epochs  # (a run inside its warm-up)
-        scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cosine_epochs, warmup_epochs=hp.warmup_epochs,
-                                           warmup_lr=hp.warmup_lr, warmup_prefix=hp.warmup_prefix, min_lr=hp.min_lr,
-                                           step_on_epochs=True)
+        # poly (Segmenter): lr = min_lr + (lr - min_lr) x (1 - t / T)^poly_power, per update as its PolynomialLR
+        scheduler, _ = create_scheduler_v2(optimizer, sched=hp.lr_schedule, num_epochs=cosine_epochs,
+                                           warmup_epochs=hp.warmup_epochs, warmup_lr=hp.warmup_lr,
+                                           warmup_prefix=hp.warmup_prefix, min_lr=hp.min_lr, step_on_epochs=True,
+                                           decay_rate=hp.poly_power if hp.lr_schedule == "poly" else 0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def schedule_epoch(self) -> float:
