@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install quickstart lint test test-slow test-gpu gpu-check benchmark benchmark-compile benchmark-deploy accuracy ablation clean
+.PHONY: install quickstart lint test test-slow test-gpu gpu-check benchmark benchmark-compile benchmark-deploy accuracy accuracy-seg ablation clean
 
 install: $(STAMP)
 
@@ -69,6 +69,11 @@ benchmark-compile: $(STAMP)
 # BENCHMARKS.md (~20 min here).
 accuracy: $(STAMP)
 	$(PY) -m experiments.accuracy --output BENCHMARKS.md
+
+# The same for semantic segmentation (experiments/canvas_seg/: the canvas digits' label maps, a mask transformer on
+# every method's dense output); rewrites the segmentation accuracy section of BENCHMARKS.md.
+accuracy-seg: $(STAMP)
+	$(PY) -m experiments.accuracy --suite segmentation --output BENCHMARKS.md
 
 # DynamicViT's recipe ablation on the canvas digits (effective batch, steps, predictor warm-up, policy eps); rewrites
 # its section of BENCHMARKS.md (~15 min here on an idle machine). WEIGHTS=runs/canvas/dense_scratch/<version>/checkpoints/best.ckpt

@@ -92,28 +92,47 @@ def patch_depth(trace: TokenTrace, index: int) -> np.ndarray:
     return np.stack([(owner[index] >= 0).cpu().numpy() for owner in trace.owner[:-1]]).sum(0)
 
 
+def class_colours(num_classes: int) -> np.ndarray:
+    """(K, 3) a fixed colour per class for predicted masks: class 0 black (the canvas digits' background), the
+    others from a seeded palette."""
+    colours = np.random.default_rng(0).uniform(0.15, 1.0, size=(max(num_classes, 1), 3))
+    colours[0] = 0.0
+    return colours
+
+
+def mask_overlay(rgb: np.ndarray, mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """A predicted label map `(H, W)` drawn in its class colours over the image, 60 / 40."""
+    return 0.4 * rgb + 0.6 * class_colours(num_classes)[mask.clip(0, num_classes - 1)]
+
+
 def token_map_figure(rgb: np.ndarray, trace: TokenTrace, index: int, layers: Optional[Sequence[int]] = None,
-                     title: str = "", dpi: int = 100) -> Figure:
-    """The figure for image `index` of a trace: input | the token maps that change | the blocks each patch ran
-    (only when patches differ, as A-ViT's do) | token counts, with a legend."""
+                     title: str = "", dpi: int = 100, mask: Optional[np.ndarray] = None,
+                     num_classes: int = 0) -> Figure:
+    """The figure for image `index` of a trace: input | the predicted mask (a segmentation model: `mask (H, W)`)
+    | the token maps that change | the blocks each patch ran (only when patches differ, as A-ViT's do) | token
+    counts, with a legend."""
     from matplotlib.patches import Patch
 
     depth = trace.depth
     layers = list(layers) if layers is not None else changing_layers(trace, index)
     depths = patch_depth(trace, index)
     show_depth = bool(depths.min() != depths.max())
-    panels = 1 + len(layers) + int(show_depth) + 1
+    first = 2 if mask is not None else 1  # the panels before the token maps
+    panels = first + len(layers) + int(show_depth) + 1
     fig = Figure(figsize=(3.2 * panels, 3.9), dpi=dpi)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, panels)
     axes[0].imshow(rgb, interpolation="nearest")
     axes[0].set_title("input", fontsize=10)
-    for ax, layer in zip(axes[1:], layers):
+    if mask is not None:
+        axes[1].imshow(mask_overlay(rgb, mask, num_classes), interpolation="nearest")
+        axes[1].set_title("predicted mask", fontsize=10)
+    for ax, layer in zip(axes[first:], layers):
         ax.imshow(token_map(rgb, trace.owner[layer][index].cpu().numpy(), trace.grid_size), interpolation="nearest")
         where = f"after block {layer - 1}" if layer == depth else f"entering block {layer}"
         ax.set_title(f"{where}: {int(trace.tokens[index, layer])} tokens", fontsize=10)
     if show_depth:
-        depth_ax = axes[1 + len(layers)]
+        depth_ax = axes[first + len(layers)]
         shown = depth_ax.imshow(depths.reshape(trace.grid_size), cmap="magma", vmin=0, vmax=depth)
         depth_ax.set_title("blocks run per patch", fontsize=10)
         fig.colorbar(shown, ax=depth_ax, fraction=0.046, pad=0.04)
@@ -139,16 +158,21 @@ def token_map_figure(rgb: np.ndarray, trace: TokenTrace, index: int, layers: Opt
 
 def save_figures(student: torch.nn.Module, images: Tensor, out_dir: Path, names: Sequence[str],
                  mean: Sequence[float], std: Sequence[float], layers: Optional[Sequence[int]] = None,
-                 title: str = "", dpi: int = 100) -> list[Path]:
-    """Run the student on `images` with the trace on and write one PNG per image."""
+                 title: str = "", dpi: int = 100, module: Optional[ReductionModule] = None) -> list[Path]:
+    """Run the student on `images` with the trace on and write one PNG per image; with a segmentation `module`
+    (one with `predict_masks`), its predicted masks beside the token maps."""
     was_training = student.training
     with torch.no_grad():
         _, trace = student.eval()(images, trace=True)
+        predict = getattr(module, "predict_masks", None)
+        masks = predict(images).cpu().numpy() if predict is not None else None
     student.train(was_training)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
+    num_classes = module.num_classes if module is not None else 0
     for index, name in enumerate(names):
-        fig = token_map_figure(to_rgb(images[index], mean, std), trace, index, layers, title, dpi)
+        fig = token_map_figure(to_rgb(images[index], mean, std), trace, index, layers, title, dpi,
+                               None if masks is None else masks[index], num_classes)
         path = out_dir / f"{name}.png"
         fig.savefig(path)
         paths.append(path)
@@ -195,7 +219,7 @@ class TokenMapCallback(Callback):
         names = [f"epoch{trainer.current_epoch:03d}_image{i}" for i in range(self.images.shape[0])]
         title = f"{method_name(pl_module)} - epoch {trainer.current_epoch}"
         self.paths = save_figures(pl_module.student, self.images, out_dir, names, mean, std, self.layers, title,
-                                  self.dpi)
+                                  self.dpi, module=pl_module)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # W&B
                 for i, path in enumerate(self.paths):

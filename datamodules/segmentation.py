@@ -239,6 +239,18 @@ class SegmentationDataModule(ImageDataModule):
     def eval_transform(self) -> Callable[..., Any]:
         return SegmentationEval(self.img_size, self.mean, self.std)
 
+    def image_transform(self) -> Callable[[Image.Image], Tensor]:
+        """A PIL image alone (`leanvit visualize`): resized so its shorter side is `img_size`, centre-cropped to a
+        square, normalised."""
+        size = self.img_size
+
+        def transform(image: Image.Image) -> Tensor:
+            pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+            pixels = TF.center_crop(TF.resize(pixels, size, antialias=True), [size, size])
+            return normalize(pixels, self.mean, self.std)
+
+        return transform
+
     def _eval_loader(self, dataset: Dataset) -> Any:
         loader = super()._eval_loader(dataset)
         loader.collate_fn = eval_collate

@@ -8,6 +8,10 @@ lot of speed, measured at small scale on this machine.
    beside the dense model.
 3. `leanvit report` over the fine-tuned runs, and a table in BENCHMARKS.md (between `<!-- accuracy -->` markers)
    with the plots in docs/accuracy/.
+
+`--suite segmentation` (`make accuracy-seg`) does the same for semantic segmentation on the canvas label maps:
+`canvas_seg/dense_scratch.yaml`, then every `canvas_seg/<method>.yaml` from it, a table of mIoU, pixel accuracy,
+GMACs and measured speed-up between `<!-- segmentation accuracy -->` markers.
 """
 from __future__ import annotations
 
@@ -22,17 +26,20 @@ from typing import Any, Optional
 SCRATCH = "canvas/dense_scratch.yaml"
 
 
-def finetunes() -> list[str]:
-    """Every method's canvas recipes in registry order (the dense one first): `canvas/<method>.yaml`, then its
-    variants `canvas/<method>_<variant>.yaml` (e.g. DiffRate's rate search)."""
+SEG_SCRATCH = "canvas_seg/dense_scratch.yaml"
+
+
+def finetunes(suite: str = "canvas", scratch: str = SCRATCH) -> list[str]:
+    """Every method's canvas recipes in registry order (the dense one first): `<suite>/<method>.yaml`, then its
+    variants `<suite>/<method>_<variant>.yaml` (e.g. DiffRate's rate search)."""
     from experiments.config import EXPERIMENTS_DIR
     from lightning_modules import METHODS
 
-    folder = EXPERIMENTS_DIR / "canvas"
+    folder = EXPERIMENTS_DIR / suite
     configs = []
     for method in METHODS:
         paths = [folder / f"{method}.yaml"] + sorted(folder.glob(f"{method}_*.yaml"))
-        configs += [f"canvas/{p.name}" for p in paths if p.is_file() and f"canvas/{p.name}" != SCRATCH]
+        configs += [f"{suite}/{p.name}" for p in paths if p.is_file() and f"{suite}/{p.name}" != scratch]
     return configs
 
 
@@ -133,6 +140,87 @@ def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END, 
     path.write_text(text)
 
 
+SEG_BEGIN, SEG_END = "<!-- segmentation accuracy -->", "<!-- end segmentation accuracy -->"
+
+
+def segmentation_row(run_dir: Path) -> dict[str, Any]:
+    """One row of the segmentation table from a finished run."""
+    from experiments.report import summarise_run
+
+    summary = summarise_run(run_dir)
+    result = json.loads((run_dir / "results_fit.json").read_text())
+    return {"method": summary.method, "setting": summary.setting or "-", "miou": result["val/miou"],
+            "pixel_acc": result["val/pixel_acc"], "gmacs": result["flops/gmacs"],
+            "mac_ratio": result.get("flops/mac_ratio"), "speedup": result.get("throughput/speedup"),
+            "keep_fg": result.get("val/keep_on_foreground"), "keep_bg": result.get("val/keep_on_background"),
+            "seconds": result.get("wall_seconds"), "recipe": f"canvas_seg/{run_dir.parent.name}.yaml"}
+
+
+def segmentation_markdown(rows: list[dict[str, Any]], start: float, device: str, command: str) -> str:
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    dense = next(r for r in rows if r["method"] == "dense")
+    lines = [
+        SEG_BEGIN,
+        f"### Segmentation accuracy vs speed at small scale ({device}, fp32)",
+        "",
+        f"Regenerate: `{command}`. Data: scikit-learn's digits at 16 px on the 4 px patch grid of a 32 px black canvas",
+        "with a label map (`data.dataset: digits_canvas_seg`: stroke pixels = the digit's class + 1, the rest 0; 11",
+        "classes, 1,437 train / 360 val). Model: the micro ViT (6 blocks, width 64, patch 4) with a 2-block mask",
+        f"transformer. The dense segmentation model trained from scratch ({SEG_SCRATCH}, {start:.2f} % val/miou) is the",
+        "start of every row; each recipe fine-tunes it 5 epochs with its canvas classification recipe's structure",
+        "(`experiments/canvas_seg/`; DynamicViT with the dense segmentation model as its teacher). Every method's",
+        "dense output comes from one rule (README, Segmentation). GMACs: encoder and decode head. Speed-up: the",
+        "encoder with the decode head beside the dense model with the same head in the same run (CPU, batch 256,",
+        "timings +-20 %).",
+        "",
+        "| method | recipe | setting | val/miou (%) | vs dense (pp) | pixel acc (%) | kept digit | kept background | "
+        "GMACs | MAC ratio | measured speed-up | fit (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        delta = r["miou"] - dense["miou"]
+        lines.append(f"| {'**dense**' if r is dense else r['method']} | {r['recipe']} | {r['setting']} | "
+                     f"{r['miou']:.2f} | {'-' if r is dense else f'{delta:+.2f}'} | {r['pixel_acc']:.2f} | "
+                     f"{fmt(r['keep_fg'], '.3f')} | {fmt(r['keep_bg'], '.3f')} | {r['gmacs']:.4f} | "
+                     f"{fmt(r['mac_ratio'], '.2f')} | {'-' if r['speedup'] is None else 'x' + format(r['speedup'], '.2f')} | "
+                     f"{fmt(r['seconds'], '.0f')} |")
+    lines.append(SEG_END)
+    return "\n".join(lines)
+
+
+def segmentation_suite(args: argparse.Namespace) -> int:
+    """`--suite segmentation`: the dense segmentation model from scratch, every method from it, the table."""
+    import torch
+
+    from callbacks.throughput import device_name
+
+    configs = finetunes("canvas_seg", SEG_SCRATCH)
+    total = len(configs) + (0 if args.weights else 1)
+    step = 0
+    if args.weights:
+        weights, start = Path(args.weights), float("nan")
+    else:
+        step += 1
+        print(f"make accuracy-seg: [{step}/{total}] {SEG_SCRATCH}", flush=True)
+        scratch = fit(SEG_SCRATCH, args.runs_dir, args.version, [*QUIET, *args.set])
+        weights = scratch / "checkpoints" / "best.ckpt"
+        start = json.loads((scratch / "results_fit.json").read_text())["best/val/miou"]
+    rows = []
+    for config in configs:
+        step += 1
+        print(f"make accuracy-seg: [{step}/{total}] {config} from {weights}", flush=True)
+        run = fit(config, args.runs_dir, args.version, [*QUIET, f"model.weights={weights}", *args.set])
+        rows.append(segmentation_row(run))
+    command = "make accuracy-seg" + "".join(f" --set {o}" for o in args.set)
+    section = segmentation_markdown(rows, start, device_name(torch.device("cpu")), command)
+    if str(args.output) == "-":
+        print(section)
+        return 0
+    write_section(args.output, section, SEG_BEGIN, SEG_END, heading="## Segmentation accuracy")
+    print(f"make accuracy-seg: wrote the table to {args.output}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.accuracy", description=__doc__.splitlines()[0])
     parser.add_argument("--runs-dir", default="runs", type=Path)
@@ -145,9 +233,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the --seed-recipes rows (their spread)")
     parser.add_argument("--seed-recipes", default="dense,tome,evit,dynamicvit",
                         help="comma-separated recipe names under canvas/ that run with every seed")
+    parser.add_argument("--suite", choices=["classification", "segmentation"], default="classification",
+                        help="classification: canvas/ (make accuracy); segmentation: canvas_seg/ (make accuracy-seg)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds: expected 1 or more, got {args.seeds}")
+    if args.suite == "segmentation":
+        return segmentation_suite(args)
 
     import torch
 

@@ -220,14 +220,15 @@ def visualize_command(config: str, overrides: list[str]) -> int:
         raise ConfigError(f"images: nothing matches {pattern!r}")
     warn_if_untrained(cfg, "visualize")
     module, datamodule = build_objects(cfg, resuming=False, command="visualize")
-    transform = datamodule.eval_transform()
+    # a segmentation DataModule's evaluation transform takes label maps too: its image-only one here
+    transform = getattr(datamodule, "image_transform", datamodule.eval_transform)()
     try:
         images = torch.stack([transform(load_rgb(p)) for p in paths])
     except OSError as err:
         raise ConfigError(f"images: cannot read an image: {err}") from err
     out = Path(cfg.get("out") or "token_maps")
     written = save_figures(module.student, images, out, unique_names(paths), datamodule.mean, datamodule.std,
-                           cfg.get("layers"), title=f"{cfg['method']} {experiment_name(cfg)}")
+                           cfg.get("layers"), title=f"{cfg['method']} {experiment_name(cfg)}", module=module)
     print(f"leanvit visualize: wrote {len(written)} figures to {out}/")
     return 0
 

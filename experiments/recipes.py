@@ -19,10 +19,10 @@ def effective(cfg: dict[str, Any]) -> dict[str, Any]:
     `fit` would run (`leanvit config` prints it)."""
     from datamodules import DATAMODULES
     from experiments.config import RunConfig, signature_params
-    from lightning_modules import METHODS
+    from lightning_modules import module_class
 
     out = dict(cfg)
-    classes = {"model": METHODS[cfg["method"]], "data": DATAMODULES[cfg.get("datamodule", RunConfig.datamodule)]}
+    classes = {"model": module_class(cfg["method"], cfg.get("task", "classification")), "data": DATAMODULES[cfg.get("datamodule", RunConfig.datamodule)]}
     for section, cls in classes.items():
         defaults = {name: p.default for name, p in signature_params(cls).items()
                     if p.default is not inspect.Parameter.empty}
@@ -36,7 +36,11 @@ def _num(value: float) -> str:
 
 
 def _lr(m: dict[str, Any]) -> str:
-    return f"{_num(m['lr'])} per {m['lr_reference_batch']}" if m.get("lr_reference_batch") else f"{_num(m['lr'])} fixed"
+    lr = f"{_num(m['lr'])} per {m['lr_reference_batch']}" if m.get("lr_reference_batch") else f"{_num(m['lr'])} fixed"
+    if m.get("optimizer", "adamw") != "adamw" or m.get("lr_schedule", "cosine") != "cosine":  # AdamW + cosine: unsaid
+        lr += f", {m['optimizer']}" + (f" {_num(m['momentum'])}" if m["optimizer"] == "sgd" else "")
+        lr += f", {m['lr_schedule']}" + (f" {_num(m['poly_power'])}" if m["lr_schedule"] == "poly" else "")
+    return lr
 
 
 def _warmup(m: dict[str, Any]) -> str:
@@ -56,7 +60,7 @@ def _schedule(m: dict[str, Any]) -> str:
 def _teacher(c: dict[str, Any]) -> str:
     m = c["model"]
     if c["method"] == "dynamicvit":
-        name = m.get("teacher") or "backbone"
+        name = "dense segmentation model" if c.get("task") == "segmentation" else m.get("teacher") or "backbone"
         return f"{name} (KL {_num(m['kl_weight'])}, MSE {_num(m['distill_weight'])})"
     if m.get("teacher_weight") or m.get("consistency_weight"):  # a branch of the network itself (MCTF)
         return (f"own branch, r < {_num(m['r_teacher_max'])} (CE {_num(m['teacher_weight'])}, consistency "

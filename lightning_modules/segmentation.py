@@ -76,8 +76,10 @@ class MaskTransformer(Decoder):
         heads = max(1, dim // 64)
         rates = torch.linspace(0, drop_path_rate, layers).tolist()
         self.proj_dec = nn.Linear(dim, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=dropout,
-                                          drop_path=rate) for rate in rates)
+        # Segmenter's blocks: pre-norm (torch's LayerNorm, eps 1e-5: timm's Block defaults to 1e-6), qkv with bias,
+        # dropout on the attention weights and both projections
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, attn_drop=dropout,
+                                          proj_drop=dropout, drop_path=rate, norm_layer=nn.LayerNorm) for rate in rates)
         self.cls_emb = nn.Parameter(torch.randn(1, num_classes, dim))
         scale = dim ** -0.5
         self.proj_patch = nn.Parameter(scale * torch.randn(dim, dim))
@@ -238,6 +240,16 @@ class SegmentationTask(ReductionModule):
             return run(images), traces
         window = self.window_size()
         return sliding_window(run, images, window, self.slide_stride or window, self.num_classes), traces
+
+    @torch.no_grad()
+    def predict_masks(self, images: Tensor) -> Tensor:
+        """`(B, 3, H, W)` -> predicted label maps `(B, H, W)` (inference as configured, eval mode)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.predict_scores(images)[0].argmax(dim=1)
+        finally:
+            self.train(was_training)
 
     # ------------------------------------------------------------------------------------------ loss
     def loss_terms(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
