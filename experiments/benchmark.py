@@ -305,6 +305,19 @@ CLUSTERING_GRID = {
                (f"{backbone}/tome_r16.yaml", ["model.r=[0,0,0,59,0,0,41,0,0,29]"])]
     for backbone in ("deit_tiny", "deit_small")
 }
+# Segmentation at 512 px (1,024 patches): every method's encoder with Segmenter's mask transformer against the dense
+# encoder with the same head; DeiT-S as Segmenter's recipe, DINOv3-S (RoPE, registers) at the same settings
+def _segmentation_rows(folder: str, extra: list[str]) -> list[tuple[str, list[str]]]:
+    rows = [(f"{folder}/{m}.yaml", list(extra)) for m in ("dense", "tome", "evit", "dynamicvit", "pitome", "diffrate",
+                                                          "mctf", "atc")]
+    return rows + [(f"{folder}/avit.yaml", ["avit_depth=0.78", *extra])]
+
+
+SEGMENTATION_GRID = {
+    "ade20k_deit_s16": _segmentation_rows("ade20k_deit_s16", []),
+    "ade20k_dinov3_s16": _segmentation_rows("ade20k_deit_s16", ["model.backbone=vit_small_patch16_dinov3",
+                                                                "model.teacher_weights=null"]),
+}
 # name -> (grid, CPU batch sizes, the note under its table)
 GRIDS: dict[str, tuple[dict[str, list[tuple[str, list[str]]]], list[int], str]] = {
     "deit": (DEIT_GRID, [1, 32], "A-ViT rows use random weights with the halting gate set to the papers' mean depth "
@@ -316,16 +329,24 @@ GRIDS: dict[str, tuple[dict[str, list[tuple[str, list[str]]]], list[int], str]] 
     "clustering": (CLUSTERING_GRID, [32], "ATC's clustering against ToMe's matching at the same kept counts: both reduce at blocks 3, 6, "
                             "9 only, to 137, 96 and 67 patch tokens (ATC keep rate 0.7; ToMe r = 59, 41, 29 there). "
                             "Random weights."),
+    "segmentation": (SEGMENTATION_GRID, [1, 8], "Semantic segmentation at 512 px (1,024 patches), random weights: each "
+                     "method's encoder with Segmenter's 2-block mask transformer (150 classes) on its restored dense "
+                     "output, against the dense encoder with the same head; MACs include the head (6.65 G). Settings "
+                     "from `experiments/ade20k_deit_s16/` (MAC ratio about 1.5 each: ToMe r 64, EViT / DynamicViT / ATC "
+                     "0.7, PiToMe 0.925, DiffRate ToMe r 64's counts, MCTF r 64, A-ViT at mean depth 0.78), DINOv3-S "
+                     "(RoPE, 4 registers) at the same settings."),
 }
 # grids whose rows are named by their settings (several rows of one method)
 LABELLED = {"clustering"}
+# a grid's batch sizes on a GPU, where they differ from [1, 32, 256] (bf16)
+GPU_BATCHES = {"segmentation": [1, 8, 32]}
 
 
 def run_grid(markdown: Path, warmup: int, repeats: int, name: str = "deit") -> list[dict[str, Any]]:
     """Run one standard grid here and rewrite this device's section of it in BENCHMARKS.md."""
     grid, cpu_batches, note = GRIDS[name]
     gpu = torch.cuda.is_available()
-    batch_sizes, precision = ([1, 32, 256], "bf16-mixed") if gpu else (cpu_batches, "32")
+    batch_sizes, precision = (GPU_BATCHES.get(name, [1, 32, 256]), "bf16-mixed") if gpu else (cpu_batches, "32")
     rows = []
     for backbone, entries in grid.items():
         for module, cfg, label in labelled_entries(entries, by_settings=name in LABELLED):
@@ -468,7 +489,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--grid", choices=[*GRIDS, "all"], default="all",
                         help="deit: DeiT-T/S; eva: DINOv3 S/B and EVA-02 B (RoPE); clustering: ATC's clustering "
-                             "against ToMe at the same kept counts; all: every grid")
+                             "against ToMe at the same kept counts; segmentation: DeiT-S and DINOv3-S at 512 px with "
+                             "Segmenter's head; all: every grid")
     args = parser.parse_args(argv)
     if args.command == "compile":
         print(format_compare_table(run_compile_grid(Path(args.output), args.warmup, args.repeats)))

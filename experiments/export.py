@@ -244,7 +244,8 @@ def export_module(module: Any, method: str, images: Tensor, output: Path, format
     batch), keep it at `output`; return the largest logit difference. Refuses (ExportRefused) when the logits
     differ by more than atol + rtol * |eager logits|."""
     refuse_adaptive(type(module), method)
-    student = module.student.eval()
+    # what inference runs: the student (logits), or with a segmentation module's decode head (per-pixel scores)
+    student = module.inference_model(module.student).eval()
     with torch.no_grad():
         expected = student(images)
     try:
@@ -294,6 +295,11 @@ def export_command(config: str, overrides: list[str]) -> int:
     torch.manual_seed(cfg.get("seed", 0))
     module, datamodule = build_objects(cfg, resuming=False, command="validate")
     images = validation_images(datamodule, batch_size)
+    size = module.student.vit.patch_embed.img_size
+    if size is not None and tuple(images.shape[-2:]) != tuple(size):  # segmentation's resized images: the model's
+        from torchvision.transforms.v2.functional import center_crop  # window, from their centres
+
+        images = center_crop(images, list(size))
     settings = {k: v for k, v in (effective(cfg).get("model") or {}).items()
                 if k in ("backbone", "backbone_kwargs", "img_size", "num_classes", *type(module).setting_keys,
                          "reduction_layers")}

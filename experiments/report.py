@@ -28,6 +28,7 @@ class RunSummary:
     gmacs: Optional[float]
     keep_on_foreground: Optional[float] = None  # where the data set knows its foreground (the canvas digits)
     keep_on_background: Optional[float] = None
+    metric: str = "top-1"  # what `acc1` holds: top-1 accuracy, or mIoU for a segmentation run
 
     @property
     def label(self) -> str:
@@ -85,8 +86,9 @@ def summarise_run(run_dir: Path) -> RunSummary:
     for name in ("results_test.json", "results_validate.json", "results_fit.json"):
         if (run_dir / name).is_file():
             results = {**json.loads((run_dir / name).read_text()), **results}
-    acc1 = results.get("val/acc1", results.get("test/acc1", last(rows, "val/acc1")))
-    stage = "val" if "val/acc1" in results or "test/acc1" not in results else "test"
+    key = "miou" if config.get("task") == "segmentation" else "acc1"  # the run's quality metric
+    acc1 = results.get(f"val/{key}", results.get(f"test/{key}", last(rows, f"val/{key}")))
+    stage = "val" if f"val/{key}" in results or f"test/{key}" not in results else "test"
     keep = {name: results.get(f"{stage}/{name}", last(rows, f"{stage}/{name}"))
             for name in ("keep_on_foreground", "keep_on_background")}
     return RunSummary(
@@ -97,8 +99,13 @@ def summarise_run(run_dir: Path) -> RunSummary:
         # the MACs of the images the accuracy is from (`flops/gmacs` holds the stage evaluated last: older runs)
         gmacs=results.get(f"{stage}/gmacs", last(rows, f"{stage}/gmacs") or results.get("flops/gmacs",
                                                                                       last(rows, "flops/gmacs"))),
-        **keep,
+        **keep, metric="mIoU" if key == "miou" else "top-1",
     )
+
+
+def metric_label(runs: list[RunSummary]) -> str:
+    """The quality axis and column: top-1 accuracy, mIoU, or both when a report mixes the tasks."""
+    return " / ".join(sorted({r.metric for r in runs}, reverse=True))
 
 
 def _plot(runs: list[RunSummary], x_attr: str, xlabel: str, path: Path) -> None:
@@ -120,7 +127,7 @@ def _plot(runs: list[RunSummary], x_attr: str, xlabel: str, path: Path) -> None:
         ax.legend(handles=[Line2D([], [], marker="*", color="black", linestyle="", markersize=11,
                                   label="dense baseline")], fontsize=8, loc="best")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel(f"{metric_label(runs)} (%)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -140,7 +147,7 @@ def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
     _plot(runs, "gmacs", "GMACs per image", written[1])
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     foreground = any(r.keep_on_foreground is not None for r in runs)  # the data set knows its foreground
-    lines = ["| run | method | setting | backbone | top-1 (%) | img/s | speed-up vs dense | GMACs |"
+    lines = [f"| run | method | setting | backbone | {metric_label(runs)} (%) | img/s | speed-up vs dense | GMACs |"
              + (" kept on foreground | kept on background |" if foreground else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|---|" if foreground else "")]
     for r in sorted(runs, key=lambda r: (r.method != "dense", -(r.acc1 or 0))):

@@ -298,6 +298,11 @@ def test_fit_logs_miou_and_resumes_exactly(in_tmp: Path) -> None:
     assert any(r.get("val/miou") for r in rows) and any(r.get("val/pixel_acc") for r in rows)
     result = json.loads((in_tmp / "runs/canvas_seg/dense_scratch/straight/results_fit.json").read_text())
     assert 0 <= result["val/miou"] <= 100 and result["val/gmacs"] > 0
+    from experiments.report import summarise_run, write_report
+
+    assert summarise_run(in_tmp / "runs/canvas_seg/dense_scratch/straight").acc1 == result["val/miou"]
+    report = write_report([in_tmp / "runs/canvas_seg/dense_scratch/straight"], in_tmp / "report")
+    assert "| mIoU (%) |" in report[2].read_text()  # `leanvit report` puts a segmentation run's mIoU on its axis
 
 
 def test_task_and_data_must_agree(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -352,3 +357,17 @@ def test_token_maps_and_visualize_show_the_predicted_mask(in_tmp: Path) -> None:
     assert leanvit("visualize", str(REPO / "experiments" / "canvas_seg" / "tome.yaml"), "model.weights=null",
                    f"images={in_tmp}/*.png", f"out={in_tmp / 'vis'}") == 0
     assert sorted(p.name for p in (in_tmp / "vis").iterdir()) == ["0.png", "1.png"]
+
+
+def test_a_segmentation_model_exports_with_its_head(in_tmp: Path) -> None:
+    """`leanvit export` of a segmentation config writes images -> per-pixel scores (the dense-output gathers and the
+    mask transformer included), kept only once ONNX Runtime's scores equal the eager model's."""
+    pytest.importorskip("onnxruntime")
+    from experiments.export import read_metadata, run_exported
+
+    out = in_tmp / "tome_seg.onnx"
+    assert leanvit("export", str(REPO / "experiments" / "canvas_seg" / "tome.yaml"), "model.weights=null",
+                   "model.backbone_kwargs.depth=3", "format=onnx", "batch_size=2", f"output={out}") == 0
+    assert read_metadata(out)["leanvit.method"] == "tome"
+    scores = run_exported(out, "onnx", IMAGES)
+    assert scores.shape == (2, 11, 32, 32)  # kept only because it equalled the eager scores (export's own check)
