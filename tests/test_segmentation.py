@@ -305,6 +305,25 @@ def test_fit_logs_miou_and_resumes_exactly(in_tmp: Path) -> None:
     assert "| mIoU (%) |" in report[2].read_text()  # `leanvit report` puts a segmentation run's mIoU on its axis
 
 
+def test_ade20k_fit_validates_and_resumes_exactly(in_tmp: Path) -> None:
+    """The ADE20K DataModule end to end on a small folder in its layout: fit, validate with sliding windows over
+    resized images of other sizes, and an epoch-boundary resume that ends with the uninterrupted run's weights."""
+    root = write_ade(in_tmp / "ade", {"training": [(48, 64), (40, 40), (64, 36), (50, 50)],
+                                      "validation": [(40, 56), (36, 36)]})
+    args = ["fit", SEG_DENSE, *QUICK, "callbacks.throughput=false", "datamodule=ade20k", "data.dataset=null",
+            f"data.root={root}", "data.img_size=32", "data.base_size=128", "data.batch_size=2", "data.num_workers=0",
+            "model.num_classes=150", "model.inference=slide", "model.slide_stride=16", "trainer.max_epochs=2"]
+    assert leanvit(*args, "version=straight") == 0
+    assert leanvit(*args, "trainer.max_steps=2", "version=stopped") == 0  # the end of epoch 0 (2 batches)
+    assert leanvit(*args, "trainer.max_steps=-1", "resume=runs/canvas_seg/dense_scratch/stopped") == 0
+    straight = torch.load(in_tmp / "runs/canvas_seg/dense_scratch/straight/checkpoints/last.ckpt", weights_only=True)
+    resumed = torch.load(in_tmp / "runs/canvas_seg/dense_scratch/stopped/checkpoints/last.ckpt", weights_only=True)
+    for key, value in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    result = json.loads((in_tmp / "runs/canvas_seg/dense_scratch/straight/results_fit.json").read_text())
+    assert 0 <= result["val/miou"] <= 100 and 0 <= result["val/pixel_acc"] <= 100
+
+
 def test_task_and_data_must_agree(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert leanvit("fit", SEG_DENSE, *QUICK, "data.dataset=digits_canvas") == 2
     assert "task: segmentation needs a DataModule with label maps" in capsys.readouterr().err
@@ -319,12 +338,12 @@ def test_task_and_data_must_agree(in_tmp: Path, capsys: pytest.CaptureFixture[st
 
 def test_ddp_segmentation_matches_single_process_validation(tmp_path: Path) -> None:
     """2-process DDP fit of DynamicViT as a segmentation encoder (its masks, ratio loss, the dense segmentation
-    teacher): the gathered val/miou equals a single-process validate of the checkpoint."""
+    teacher, its keep-rate schedule): the gathered val/miou equals a single-process validate of the checkpoint."""
     dense = seg_module("dense")
     teacher = save_seg_checkpoint(dense, tmp_path / "dense.ckpt")
     recipe = ["method=dynamicvit", "model.keep_rate=0.6", "model.reduction_layers=[1]", f"model.weights={teacher}",
               "model.backbone_freeze_epochs=0", "trainer.max_epochs=1", "callbacks.throughput=false",
-              "experiment=seg_ddp"]
+              "model.reduction_schedule={start_epoch: 0, shrink_epochs: 1}", "experiment=seg_ddp"]
     quick = [a for a in QUICK if not a.startswith("trainer.limit_val_batches")]  # every rank sees its whole share
     fit = leanvit_subprocess("fit", SEG_DENSE, *quick, *recipe, "trainer.devices=2", "trainer.strategy=ddp",
                              cwd=tmp_path)
