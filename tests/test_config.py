@@ -21,11 +21,12 @@ def checked(path: Path, overrides: list[str] = ()) -> dict:
 
     from callbacks import CALLBACKS
     from datamodules import DATAMODULES
-    from lightning_modules import METHODS
+    from lightning_modules import task_methods
 
     cfg, origins = load_config(path, list(overrides))
     plain = to_plain(cfg, origins)
-    check_config(plain, origins, methods=METHODS, datamodules=DATAMODULES, callbacks=CALLBACKS, trainer_cls=pl.Trainer)
+    check_config(plain, origins, methods=task_methods(plain.get("task", "classification")), datamodules=DATAMODULES,
+                 callbacks=CALLBACKS, trainer_cls=pl.Trainer)
     return plain
 
 
