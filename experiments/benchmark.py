@@ -308,9 +308,11 @@ CLUSTERING_GRID = {
 # Segmentation at 512 px (1,024 patches): every method's encoder with Segmenter's mask transformer against the dense
 # encoder with the same head; DeiT-S as Segmenter's recipe, DINOv3-S (RoPE, registers) at the same settings
 def _segmentation_rows(folder: str, extra: list[str]) -> list[tuple[str, list[str]]]:
-    rows = [(f"{folder}/{m}.yaml", list(extra)) for m in ("dense", "tome", "evit", "dynamicvit", "pitome", "diffrate",
-                                                          "mctf", "atc")]
-    return rows + [(f"{folder}/avit.yaml", ["avit_depth=0.78", *extra])]
+    """Every method's YAML of a segmentation recipe folder (dense first; A-ViT at the papers' mean depth 0.78)."""
+    from experiments.config import EXPERIMENTS_DIR
+
+    names = sorted((p.stem for p in (EXPERIMENTS_DIR / folder).glob("*.yaml")), key=lambda n: (n != "dense", n))
+    return [(f"{folder}/{n}.yaml", [*(["avit_depth=0.78"] if n == "avit" else []), *extra]) for n in names]
 
 
 SEGMENTATION_GRID = {
