@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev,deploy]"
+	$(PY) -m pip install -q -e ".[dev,deploy,hub]"
 	touch $(STAMP)
 
 quickstart: $(STAMP)

@@ -38,6 +38,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_modules.hub import convert_hub_vit, hub_weights, is_hub, is_hub_state, read_hub_vit
 from lightning_modules.layers import ReductionAttentionOps, ReductionBlock, SplitBlock, convert_eva
 from lightning_modules.ops import mean_rope
 from lightning_modules.trace import TokenTrace, TraceRecorder
@@ -134,6 +135,8 @@ class StudentOutput(Generic[LossInputs]):
 
 def is_eva(backbone: str) -> bool:
     """Whether timm builds `backbone` as its `Eva` class (which takes no `block_fn`)."""
+    if is_hub(backbone):  # a transformers ViT: timm's VisionTransformer
+        return False
     arch = get_arch_name(backbone)
     return is_model(arch) and model_entrypoint(arch).__module__ == "timm.models.eva"
 
@@ -152,6 +155,9 @@ def create_vit(
     it after building; its attention class follows from its own: `attn_layer` applies to VisionTransformers)."""
     if img_size is not None:
         kwargs["img_size"] = img_size
+    if is_hub(backbone):
+        return create_hub_vit(backbone, num_classes=num_classes, pretrained=pretrained, drop_path_rate=drop_path_rate,
+                              block_fn=block_fn, **kwargs)
     if pretrained:
         check_hub_weights(backbone, "model.pretrained", "model.weights")
     if is_eva(backbone):  # takes neither: its blocks (and their attention) are converted after building
@@ -176,6 +182,22 @@ def create_vit(
         if any(size % patch for size, patch in zip(embed.img_size, embed.patch_size)):
             raise ValueError(f"model.img_size: {embed.img_size[0]} is not a multiple of {backbone}'s patch size "
                              f"{embed.patch_size[0]}")
+    return model
+
+
+def create_hub_vit(backbone: str, *, num_classes: int, pretrained: bool, drop_path_rate: float,
+                   block_fn: Optional[Callable[..., nn.Module]], **kwargs: Any) -> ViT:
+    """`hf:<dir or id>`: the timm VisionTransformer equal to a `transformers` ViT / DeiT checkpoint, with its converted
+    weights when `pretrained` (a classifier of another size is left at its initialisation, as for timm weights)."""
+    hub = read_hub_vit(backbone, need_weights=pretrained)
+    if block_fn is not None:
+        kwargs["block_fn"] = block_fn
+    model = timm.create_model(hub.timm_name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path_rate,
+                              **(hub.kwargs | kwargs))
+    assert isinstance(model, VisionTransformer)
+    if pretrained:
+        state = checkpoint_filter_fn(hub_weights(hub), model)  # resizes pos_embed for another img_size
+        _load_matching(model, state, backbone)
     return model
 
 
@@ -410,7 +432,8 @@ def read_checkpoint(path: str | pathlib.Path) -> tuple[dict[str, Tensor], str]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path)), "timm"
+        tensors = load_file(str(path))
+        return (convert_hub_vit(tensors) if is_hub_state(tensors) else tensors), "timm"
     obj = read_checkpoint_object(path)
     if "pytorch-lightning_version" in obj and "state_dict" in obj:
         prefix = "student."
@@ -425,6 +448,8 @@ def read_checkpoint(path: str | pathlib.Path) -> tuple[dict[str, Tensor], str]:
     tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
         raise ValueError(f"weights: {str(path)!r} has no tensors (keys: {sorted(obj)[:8]})")
+    if is_hub_state(tensors):  # a transformers ViT / DeiT file: timm's keys
+        return convert_hub_vit(tensors), "timm"
     return clean_state_dict(tensors), "timm"
 
 
@@ -516,6 +541,12 @@ def create_teacher(name: str, *, num_classes: int, img_size: Optional[int], weig
                    **kwargs: Any) -> nn.Module:
     """A frozen timm classifier in eval mode: hub weights unless a local `weights` file is given. Any failure
     is a ValueError that says it is the teacher and how to give it a local file."""
+    if is_hub(name):  # the hub backbone itself (DynamicViT's teacher)
+        teacher_vit = create_vit(name, num_classes=num_classes, img_size=img_size, pretrained=weights is None)
+        if weights is not None:
+            load_weights(teacher_vit, weights)
+        teacher_vit.requires_grad_(False)
+        return teacher_vit.eval()
     timm_name = resolve_teacher_name(name, weights)
     pretrained = weights is None
     if pretrained:
