@@ -4,7 +4,9 @@ vision towers (`model.backbone: open_clip:<arch>[:<pretrained tag>]`).
 
 The checkpoint's `config.json` gives the architecture; its weights (`model.safetensors` or `pytorch_model.bin`,
 `transformers`' saved key layout) are converted key by key. Mapped exactly: `vit` (ViTModel /
-ViTForImageClassification) and `deit` (DeiT, and DeiTForImageClassificationWithTeacher with its distillation token).
+ViTForImageClassification), `deit` (DeiT, and DeiTForImageClassificationWithTeacher with its distillation token) and
+CLIP's vision tower (`clip_vision_model`, or the vision half of a `clip` model: pre-norm, QuickGELU, the visual
+projection as a bias-free head).
 Anything else - another model type, a setting timm's ViT cannot express - is refused in one line naming it.
 
 open_clip: the architecture comes from `open_clip.get_model_config(arch)` (a plain ViT tower: class token, pre-norm,
@@ -38,6 +40,7 @@ class HubViT:
     timm_name: str  # the timm entrypoint whose class builds it
     kwargs: dict[str, Any]  # architecture arguments for timm.create_model
     num_labels: int
+    origin: str = "transformers"  # or "open_clip": where the weights come from
 
 
 def is_hub(backbone: str) -> bool:
@@ -85,7 +88,7 @@ def read_open_clip(backbone: str) -> HubViT:
     if config.get("quick_gelu"):
         kwargs["act_layer"] = "quick_gelu"
     return HubViT(backbone[len(OPEN_CLIP):], None, config, "vit_base_patch16_clip_224", kwargs,
-                  int(config["embed_dim"]))
+                  int(config["embed_dim"]), origin="open_clip")
 
 
 def open_clip_weights(hub: HubViT) -> dict[str, Tensor]:
@@ -119,9 +122,11 @@ def read_hub_vit(backbone: str, need_weights: bool = False) -> HubViT:
         raise ValueError(f"model.backbone: {backbone}: no config.json in {folder}")
     config = json.loads(config_path.read_text())
     kind = config.get("model_type")
+    if kind in ("clip", "clip_vision_model"):
+        return read_hub_clip(source, folder, config)
     if kind not in ("vit", "deit"):
-        raise ValueError(f"model.backbone: {backbone} is a {kind!r} model; leanvit maps transformers' vit and deit "
-                         f"exactly, not {kind!r}")
+        raise ValueError(f"model.backbone: {backbone} is a {kind!r} model; leanvit maps transformers' vit, deit and "
+                         f"clip (vision) exactly, not {kind!r}")
     act = config.get("hidden_act", "gelu")
     if act != "gelu":
         raise ValueError(f"model.backbone: {backbone} uses hidden_act {act!r}; timm's ViT has gelu")
@@ -136,6 +141,61 @@ def read_hub_vit(backbone: str, need_weights: bool = False) -> HubViT:
     name = "deit_base_distilled_patch16_224" if distilled else "vit_base_patch16_224"
     labels = len(config.get("id2label") or {}) or int(config.get("num_labels", 0))
     return HubViT(source, folder, config, name, kwargs, labels)
+
+
+def read_hub_clip(source: str, folder: Path, config: dict[str, Any]) -> HubViT:
+    """A transformers CLIP model's vision tower (`CLIPVisionModel[WithProjection]`, or a whole `CLIPModel`): timm's
+    pre-norm CLIP ViT, the visual projection as a bias-free head."""
+    vision = config.get("vision_config", config) if config.get("model_type") == "clip" else config
+    act = vision.get("hidden_act", "quick_gelu")
+    if act not in ("quick_gelu", "gelu"):
+        raise ValueError(f"model.backbone: hf:{source} uses hidden_act {act!r}; timm's CLIP ViT has quick_gelu or gelu")
+    hidden = int(vision["hidden_size"])
+    kwargs = dict(img_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]), embed_dim=hidden,
+                  depth=int(vision["num_hidden_layers"]), num_heads=int(vision["num_attention_heads"]),
+                  mlp_ratio=int(vision["intermediate_size"]) / hidden, pre_norm=True, class_token=True,
+                  global_pool="token", act_layer=act, norm_layer=partial(nn.LayerNorm, eps=float(vision.get(
+                      "layer_norm_eps", 1e-5))))
+    projected = config.get("model_type") == "clip" or any("Projection" in a for a in config.get("architectures") or [])
+    width = int(config.get("projection_dim") or vision.get("projection_dim") or 0) if projected else 0
+    return HubViT(source, folder, config, "vit_base_patch16_clip_224", kwargs, width)
+
+
+_CLIP_RENAMES = [
+    (r"^vision_model\.embeddings\.patch_embedding\.", "patch_embed.proj."),
+    (r"^vision_model\.pre_layrnorm\.", "norm_pre."),
+    (r"^vision_model\.post_layernorm\.", "norm."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
+]
+_CLIP_QKV = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.(weight|bias)$")
+
+
+def convert_hub_clip(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A transformers CLIP state dict (its vision tower; the text tower and logit scale are dropped) -> timm's keys."""
+    out: dict[str, Tensor] = {}
+    parts: dict[tuple[int, str], dict[str, Tensor]] = {}
+    for key, value in state.items():
+        qkv = _CLIP_QKV.match(key)
+        if qkv:
+            parts.setdefault((int(qkv.group(1)), qkv.group(3)), {})[qkv.group(2)] = value
+        elif key == "vision_model.embeddings.class_embedding":
+            out["cls_token"] = value.reshape(1, 1, -1)
+        elif key == "vision_model.embeddings.position_embedding.weight":
+            out["pos_embed"] = value[None]
+        elif key == "visual_projection.weight":
+            out["head.weight"] = value
+            out["head.bias"] = value.new_zeros(value.shape[0])
+        elif key.startswith("vision_model.") and not key.endswith("position_ids"):
+            new = key
+            for pattern, repl in _CLIP_RENAMES:
+                new = re.sub(pattern, repl, new)
+            out[new] = value
+    for (layer, kind), pieces in parts.items():
+        out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([pieces["q_proj"], pieces["k_proj"], pieces["v_proj"]])
+    return out
 
 
 # transformers' saved ViT / DeiT keys (also the in-memory names of transformers 5) -> timm's
@@ -185,13 +245,21 @@ def convert_hub_vit(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def is_hub_state(state: dict[str, Tensor]) -> bool:
-    """Whether a state dict has `transformers`' ViT / DeiT keys."""
-    return any(k.startswith(("vit.embeddings.", "deit.embeddings.", "embeddings.patch_embeddings.")) for k in state)
+    """Whether a state dict has `transformers`' ViT / DeiT / CLIP keys."""
+    return any(k.startswith(("vit.embeddings.", "deit.embeddings.", "embeddings.patch_embeddings.",
+                             "vision_model.embeddings.")) for k in state)
+
+
+def convert_hub_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A transformers ViT / DeiT / CLIP state dict -> timm's keys."""
+    if any(k.startswith("vision_model.") for k in state):
+        return convert_hub_clip(state)
+    return convert_hub_vit(state)
 
 
 def hub_weights(hub: HubViT) -> dict[str, Tensor]:
     """The checkpoint's weights, converted to timm's keys."""
-    if hub.timm_name == "vit_base_patch16_clip_224":
+    if hub.origin == "open_clip":
         return open_clip_weights(hub)
     folder = hub.folder if hub.folder is not None else resolve_folder(hub.source, need_weights=True)
     safetensors, pickle = folder / "model.safetensors", folder / "pytorch_model.bin"
@@ -203,4 +271,4 @@ def hub_weights(hub: HubViT) -> dict[str, Tensor]:
         state = torch.load(pickle, map_location="cpu", weights_only=True)
     else:
         raise ValueError(f"model.pretrained: hf:{hub.source} has no model.safetensors or pytorch_model.bin in {folder}")
-    return convert_hub_vit(state)
+    return convert_hub_state(state)

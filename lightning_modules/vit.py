@@ -38,7 +38,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_modules.hub import convert_hub_vit, hub_weights, is_hub, is_hub_state, read_hub_vit
+from lightning_modules.hub import convert_hub_state, hub_weights, is_hub, is_hub_state, read_hub_vit
 from lightning_modules.layers import ReductionAttentionOps, ReductionBlock, SplitBlock, convert_eva
 from lightning_modules.ops import mean_rope
 from lightning_modules.trace import TokenTrace, TraceRecorder
@@ -433,7 +433,7 @@ def read_checkpoint(path: str | pathlib.Path) -> tuple[dict[str, Tensor], str]:
         from safetensors.torch import load_file
 
         tensors = load_file(str(path))
-        return (convert_hub_vit(tensors) if is_hub_state(tensors) else tensors), "timm"
+        return (convert_hub_state(tensors) if is_hub_state(tensors) else tensors), "timm"
     obj = read_checkpoint_object(path)
     if "pytorch-lightning_version" in obj and "state_dict" in obj:
         prefix = "student."
@@ -449,7 +449,7 @@ def read_checkpoint(path: str | pathlib.Path) -> tuple[dict[str, Tensor], str]:
     if not tensors:
         raise ValueError(f"weights: {str(path)!r} has no tensors (keys: {sorted(obj)[:8]})")
     if is_hub_state(tensors):  # a transformers ViT / DeiT file: timm's keys
-        return convert_hub_vit(tensors), "timm"
+        return convert_hub_state(tensors), "timm"
     return clean_state_dict(tensors), "timm"
 
 

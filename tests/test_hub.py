@@ -23,8 +23,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
     """A random ViTForImageClassification and DeiTForImageClassificationWithTeacher, saved as transformers does."""
     folder = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
+    clip = {k: v for k, v in SMALL.items() if k != "num_labels"} | {"projection_dim": 10}
     models = {"vit": transformers.ViTForImageClassification(transformers.ViTConfig(**SMALL)),
-              "deit": transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**SMALL))}
+              "deit": transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**SMALL)),
+              "clip": transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**clip))}
     out = {}
     for name, model in models.items():
         with torch.no_grad():  # non-trivial norms and biases (the random init leaves them at 1 and 0)
@@ -42,12 +44,15 @@ def build(backbone: str, method: str = "dense", **settings: Any) -> Any:
                            **settings).student.eval()
 
 
-@pytest.mark.parametrize("kind", ["vit", "deit"])
+@pytest.mark.parametrize("kind", ["vit", "deit", "clip"])
 def test_converted_model_gives_the_transformers_logits(kind: str, checkpoints: dict[str, tuple[Path, Any]]) -> None:
+    """ViT: its logits; DeiT with teacher: the mean of both heads, as timm's; CLIP's vision tower with projection:
+    its image embeddings (pre-norm, QuickGELU, the projection as the head)."""
     folder, source = checkpoints[kind]
     student = build(f"hf:{folder}")
     with torch.no_grad():
-        expected = source(pixel_values=IMAGES).logits  # DeiT with teacher: the mean of both heads, as timm's
+        out = source(pixel_values=IMAGES)
+        expected = out.image_embeds if kind == "clip" else out.logits
         torch.testing.assert_close(student(IMAGES), expected, rtol=0, atol=1e-5)
     assert student.num_prefix_tokens == (2 if kind == "deit" else 1)
 
@@ -77,7 +82,7 @@ def test_every_method_runs_on_a_converted_model(method: str, checkpoints: dict[s
 def test_other_models_are_refused_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "swin").mkdir()
     (tmp_path / "swin" / "config.json").write_text(json.dumps({"model_type": "swin"}))
-    with pytest.raises(ValueError, match="is a 'swin' model; leanvit maps transformers' vit and deit"):
+    with pytest.raises(ValueError, match="is a 'swin' model; leanvit maps transformers' vit, deit and clip"):
         build(f"hf:{tmp_path / 'swin'}")
     with pytest.raises(ValueError, match="neither a local directory nor a hub model"):
         build("hf:nobody/no-such-model")
