@@ -161,6 +161,13 @@ def read_hub_clip(source: str, folder: Path, config: dict[str, Any]) -> HubViT:
     return HubViT(source, folder, config, "vit_base_patch16_clip_224", kwargs, width)
 
 
+def stacked_qkv(parts: dict[tuple[int, str], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Separate q, k, v projections `{(layer, weight|bias): {"q": .., "k": .., "v": ..}}` -> timm's fused
+    `blocks.<layer>.attn.qkv.<weight|bias>` (q, k, v stacked along the output features)."""
+    return {f"blocks.{layer}.attn.qkv.{kind}": torch.cat([p["q"], p["k"], p["v"]])
+            for (layer, kind), p in parts.items()}
+
+
 _CLIP_RENAMES = [
     (r"^vision_model\.embeddings\.patch_embedding\.", "patch_embed.proj."),
     (r"^vision_model\.pre_layrnorm\.", "norm_pre."),
@@ -180,7 +187,7 @@ def convert_hub_clip(state: dict[str, Tensor]) -> dict[str, Tensor]:
     for key, value in state.items():
         qkv = _CLIP_QKV.match(key)
         if qkv:
-            parts.setdefault((int(qkv.group(1)), qkv.group(3)), {})[qkv.group(2)] = value
+            parts.setdefault((int(qkv.group(1)), qkv.group(3)), {})[qkv.group(2)[0]] = value  # q, k or v
         elif key == "vision_model.embeddings.class_embedding":
             out["cls_token"] = value.reshape(1, 1, -1)
         elif key == "vision_model.embeddings.position_embedding.weight":
@@ -193,9 +200,7 @@ def convert_hub_clip(state: dict[str, Tensor]) -> dict[str, Tensor]:
             for pattern, repl in _CLIP_RENAMES:
                 new = re.sub(pattern, repl, new)
             out[new] = value
-    for (layer, kind), pieces in parts.items():
-        out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([pieces["q_proj"], pieces["k_proj"], pieces["v_proj"]])
-    return out
+    return out | stacked_qkv(parts)
 
 
 # transformers' saved ViT / DeiT keys (also the in-memory names of transformers 5) -> timm's
@@ -225,23 +230,19 @@ def convert_hub_vit(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A `transformers` ViT / DeiT state dict -> timm's VisionTransformer keys (q, k, v stacked into qkv)."""
     out: dict[str, Tensor] = {}
     parts: dict[tuple[int, str], dict[str, Tensor]] = {}
-    order = {"query": 0, "key": 1, "value": 2, "q_proj": 0, "k_proj": 1, "v_proj": 2}
     for key, value in state.items():
         if _IGNORED.match(key):
             continue
         qkv = _QKV.match(key)
         if qkv:
             layer = int(qkv.group(1) or qkv.group(3))
-            which = order[qkv.group(2) or qkv.group(4)]
-            parts.setdefault((layer, qkv.group(5)), {})[str(which)] = value
+            parts.setdefault((layer, qkv.group(5)), {})[(qkv.group(2) or qkv.group(4))[0]] = value  # q, k or v
             continue
         new = key
         for pattern, repl in _RENAMES:
             new = re.sub(pattern, repl, new)
         out[new] = value
-    for (layer, kind), pieces in parts.items():
-        out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([pieces["0"], pieces["1"], pieces["2"]], dim=0)
-    return out
+    return out | stacked_qkv(parts)
 
 
 def is_hub_state(state: dict[str, Tensor]) -> bool:

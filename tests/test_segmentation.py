@@ -19,7 +19,7 @@ from datamodules.segmentation import IGNORE_INDEX, crop_box, rescale_size
 from lightning_modules import METHODS, module_class
 from lightning_modules.segmentation import LinearDecoder, MaskTransformer, sliding_window, window_starts
 
-from helpers import check_success, leanvit, leanvit_subprocess, metrics
+from helpers import check_success, leanvit, leanvit_subprocess, metrics, weights
 
 REPO = Path(__file__).resolve().parents[1]
 SEG_DENSE = str(REPO / "experiments" / "canvas_seg" / "dense_scratch.yaml")
@@ -282,6 +282,13 @@ def test_bad_ade20k_inputs_are_named(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def assert_same_final_weights(straight: Path, resumed: Path) -> None:
+    """The two runs' last checkpoints hold the same weights, bit for bit."""
+    expected, got = weights(straight), weights(resumed)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+
 def test_fit_logs_miou_and_resumes_exactly(in_tmp: Path) -> None:
     """A segmentation run logs val/miou and val/pixel_acc; stopped after its first epoch (max_steps) and resumed it
     ends with the weights of an uninterrupted run (the canvas positions are drawn per (seed, epoch, sample)). The
@@ -290,10 +297,7 @@ def test_fit_logs_miou_and_resumes_exactly(in_tmp: Path) -> None:
     assert leanvit(*args, "version=straight") == 0
     assert leanvit(*args, "trainer.max_steps=4", "version=stopped") == 0  # the end of epoch 0 (4 batches)
     assert leanvit(*args, "trainer.max_steps=-1", "resume=runs/canvas_seg/dense_scratch/stopped") == 0
-    straight = torch.load(in_tmp / "runs/canvas_seg/dense_scratch/straight/checkpoints/last.ckpt", weights_only=True)
-    resumed = torch.load(in_tmp / "runs/canvas_seg/dense_scratch/stopped/checkpoints/last.ckpt", weights_only=True)
-    for key, value in straight["state_dict"].items():
-        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    assert_same_final_weights(in_tmp / "runs/canvas_seg/dense_scratch/straight", in_tmp / "runs/canvas_seg/dense_scratch/stopped")
     rows = metrics(in_tmp / "runs/canvas_seg/dense_scratch/straight")
     assert any(r.get("val/miou") for r in rows) and any(r.get("val/pixel_acc") for r in rows)
     result = json.loads((in_tmp / "runs/canvas_seg/dense_scratch/straight/results_fit.json").read_text())
@@ -316,10 +320,7 @@ def test_ade20k_fit_validates_and_resumes_exactly(in_tmp: Path) -> None:
     assert leanvit(*args, "version=straight") == 0
     assert leanvit(*args, "trainer.max_steps=2", "version=stopped") == 0  # the end of epoch 0 (2 batches)
     assert leanvit(*args, "trainer.max_steps=-1", "resume=runs/canvas_seg/dense_scratch/stopped") == 0
-    straight = torch.load(in_tmp / "runs/canvas_seg/dense_scratch/straight/checkpoints/last.ckpt", weights_only=True)
-    resumed = torch.load(in_tmp / "runs/canvas_seg/dense_scratch/stopped/checkpoints/last.ckpt", weights_only=True)
-    for key, value in straight["state_dict"].items():
-        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    assert_same_final_weights(in_tmp / "runs/canvas_seg/dense_scratch/straight", in_tmp / "runs/canvas_seg/dense_scratch/stopped")
     result = json.loads((in_tmp / "runs/canvas_seg/dense_scratch/straight/results_fit.json").read_text())
     assert 0 <= result["val/miou"] <= 100 and 0 <= result["val/pixel_acc"] <= 100
 
