@@ -4,9 +4,12 @@ vision towers (`model.backbone: open_clip:<arch>[:<pretrained tag>]`).
 
 The checkpoint's `config.json` gives the architecture; its weights (`model.safetensors` or `pytorch_model.bin`,
 `transformers`' saved key layout) are converted key by key. Mapped exactly: `vit` (ViTModel /
-ViTForImageClassification), `deit` (DeiT, and DeiTForImageClassificationWithTeacher with its distillation token) and
+ViTForImageClassification), `deit` (DeiT, and DeiTForImageClassificationWithTeacher with its distillation token), `dinov2` and
+`dinov2_with_registers` (Dinov2Model: LayerScale, register tokens, SwiGLU for the giant; the class token pooled after
+the final norm; the position embeddings resampled to `model.img_size` exactly as transformers does at each forward),
 CLIP's vision tower (`clip_vision_model`, or the vision half of a `clip` model: pre-norm, QuickGELU, the visual
-projection as a bias-free head).
+projection as a bias-free head) and SigLIP's (`siglip_vision_model`, or the vision half of a `siglip` model: no class
+token, tanh GELU, the attention-pooling head as timm's MAP head).
 Anything else - another model type, a setting timm's ViT cannot express - is refused in one line naming it.
 
 open_clip: the architecture comes from `open_clip.get_model_config(arch)` (a plain ViT tower: class token, pre-norm,
@@ -41,6 +44,9 @@ class HubViT:
     kwargs: dict[str, Any]  # architecture arguments for timm.create_model
     num_labels: int
     origin: str = "transformers"  # or "open_clip": where the weights come from
+    # DINOv2 resamples its position embeddings to the input at each forward (bicubic in float32, antialiased for the
+    # registers model): done once at load, the same way; None: timm's resampling for another `img_size`
+    pos_antialias: Optional[bool] = None
 
 
 def is_hub(backbone: str) -> bool:
@@ -122,11 +128,13 @@ def read_hub_vit(backbone: str, need_weights: bool = False) -> HubViT:
         raise ValueError(f"model.backbone: {backbone}: no config.json in {folder}")
     config = json.loads(config_path.read_text())
     kind = config.get("model_type")
-    if kind in ("clip", "clip_vision_model"):
+    if kind in ("clip", "clip_vision_model", "siglip", "siglip_vision_model"):
         return read_hub_clip(source, folder, config)
+    if kind in ("dinov2", "dinov2_with_registers"):
+        return read_hub_dinov2(source, folder, config)
     if kind not in ("vit", "deit"):
-        raise ValueError(f"model.backbone: {backbone} is a {kind!r} model; leanvit maps transformers' vit, deit and "
-                         f"clip (vision) exactly, not {kind!r}")
+        raise ValueError(f"model.backbone: {backbone} is a {kind!r} model; leanvit maps transformers' vit, deit, "
+                         f"dinov2, clip and siglip (vision) exactly, not {kind!r}")
     act = config.get("hidden_act", "gelu")
     if act != "gelu":
         raise ValueError(f"model.backbone: {backbone} uses hidden_act {act!r}; timm's ViT has gelu")
@@ -143,20 +151,61 @@ def read_hub_vit(backbone: str, need_weights: bool = False) -> HubViT:
     return HubViT(source, folder, config, name, kwargs, labels)
 
 
+def read_hub_dinov2(source: str, folder: Path, config: dict[str, Any]) -> HubViT:
+    """Dinov2Model / Dinov2WithRegistersModel: timm's DINOv2 ViT (LayerScale, register tokens after the class token,
+    position embeddings on the class and patch tokens only), pooling the normed class token as `pooler_output`."""
+    if any("Classification" in a for a in config.get("architectures") or []):
+        raise ValueError(f"model.backbone: hf:{source} is a Dinov2ForImageClassification, whose classifier reads the "
+                         f"class token and the mean patch token concatenated; timm's ViT heads read one pooled token: "
+                         f"give the Dinov2Model checkpoint")
+    act = config.get("hidden_act", "gelu")
+    swiglu = bool(config.get("use_swiglu_ffn", False))
+    if act != "gelu" and not swiglu:
+        raise ValueError(f"model.backbone: hf:{source} uses hidden_act {act!r}; timm's DINOv2 has gelu")
+    hidden = int(config["hidden_size"])
+    kwargs: dict[str, Any] = dict(
+        img_size=int(config["image_size"]), patch_size=int(config["patch_size"]), embed_dim=hidden,
+        depth=int(config["num_hidden_layers"]), num_heads=int(config["num_attention_heads"]),
+        mlp_ratio=float(config.get("mlp_ratio", 4)), qkv_bias=bool(config.get("qkv_bias", True)),
+        init_values=float(config.get("layerscale_value", 1.0)), class_token=True, no_embed_class=True,
+        reg_tokens=int(config.get("num_register_tokens", 0)) if config["model_type"] == "dinov2_with_registers" else 0,
+        global_pool="token", norm_layer=partial(nn.LayerNorm, eps=float(config.get("layer_norm_eps", 1e-6))))
+    if swiglu:  # transformers' hidden width: 2/3 of hidden x mlp_ratio, rounded up to a multiple of 8
+        from timm.layers import SwiGLUPacked
+
+        width = (int(int(hidden * kwargs["mlp_ratio"]) * 2 / 3) + 7) // 8 * 8
+        # timm's packed fc1 is int(hidden x mlp_ratio) = 2 x width wide (+0.5: no float round-down)
+        kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, mlp_ratio=(2 * width + 0.5) / hidden)
+    return HubViT(source, folder, config, "vit_base_patch14_dinov2", kwargs, 0,
+                  pos_antialias=config["model_type"] == "dinov2_with_registers")
+
+
 def read_hub_clip(source: str, folder: Path, config: dict[str, Any]) -> HubViT:
     """A transformers CLIP model's vision tower (`CLIPVisionModel[WithProjection]`, or a whole `CLIPModel`): timm's
-    pre-norm CLIP ViT, the visual projection as a bias-free head."""
-    vision = config.get("vision_config", config) if config.get("model_type") == "clip" else config
-    act = vision.get("hidden_act", "quick_gelu")
-    if act not in ("quick_gelu", "gelu"):
-        raise ValueError(f"model.backbone: hf:{source} uses hidden_act {act!r}; timm's CLIP ViT has quick_gelu or gelu")
+    pre-norm CLIP ViT, the visual projection as a bias-free head. SigLIP's (`SiglipVisionModel`, or a whole
+    `SiglipModel`): timm's SigLIP ViT (no class token, no pre-norm, tanh GELU, the attention-pooling head as `map`)."""
+    kind = config["model_type"]
+    vision = config.get("vision_config", config) if kind in ("clip", "siglip") else config
+    siglip = kind.startswith("siglip")
+    acts = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
+    act = vision.get("hidden_act", "gelu_pytorch_tanh" if siglip else "quick_gelu")
+    if act not in acts:
+        raise ValueError(f"model.backbone: hf:{source} uses hidden_act {act!r}; timm's ViT has {', '.join(acts)}")
+    if siglip and (not vision.get("vision_use_head", True)
+                   or any("Classification" in a for a in config.get("architectures") or [])):
+        raise ValueError(f"model.backbone: hf:{source} has no attention-pooling head (vision_use_head false, or a "
+                         f"SiglipForImageClassification, which averages the tokens); leanvit maps SigLIP's pooled "
+                         f"tower: give the SiglipModel / SiglipVisionModel checkpoint")
     hidden = int(vision["hidden_size"])
     kwargs = dict(img_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]), embed_dim=hidden,
                   depth=int(vision["num_hidden_layers"]), num_heads=int(vision["num_attention_heads"]),
-                  mlp_ratio=int(vision["intermediate_size"]) / hidden, pre_norm=True, class_token=True,
-                  global_pool="token", act_layer=act, norm_layer=partial(nn.LayerNorm, eps=float(vision.get(
-                      "layer_norm_eps", 1e-5))))
-    projected = config.get("model_type") == "clip" or any("Projection" in a for a in config.get("architectures") or [])
+                  mlp_ratio=int(vision["intermediate_size"]) / hidden, act_layer=acts[act],
+                  norm_layer=partial(nn.LayerNorm, eps=float(vision.get("layer_norm_eps", 1e-6 if siglip else 1e-5))))
+    if siglip:
+        kwargs.update(class_token=False, global_pool="map", pre_norm=False)
+        return HubViT(source, folder, config, "vit_base_patch16_siglip_224", kwargs, 0)
+    kwargs.update(pre_norm=True, class_token=True, global_pool="token")
+    projected = kind == "clip" or any("Projection" in a for a in config.get("architectures") or [])
     width = int(config.get("projection_dim") or vision.get("projection_dim") or 0) if projected else 0
     return HubViT(source, folder, config, "vit_base_patch16_clip_224", kwargs, width)
 
@@ -168,34 +217,48 @@ def stacked_qkv(parts: dict[tuple[int, str], dict[str, Tensor]]) -> dict[str, Te
             for (layer, kind), p in parts.items()}
 
 
-_CLIP_RENAMES = [
-    (r"^vision_model\.embeddings\.patch_embedding\.", "patch_embed.proj."),
-    (r"^vision_model\.pre_layrnorm\.", "norm_pre."),
-    (r"^vision_model\.post_layernorm\.", "norm."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
+_CLIP_RENAMES = [  # after the `vision_model.` prefix (absent in transformers 5's SiglipVisionModel files)
+    (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
+    (r"^pre_layrnorm\.", "norm_pre."),
+    (r"^post_layernorm\.", "norm."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
+    (r"^head\.attention\.out_proj\.", "attn_pool.proj."),  # SigLIP's attention-pooling head: timm's MAP head
+    (r"^head\.layernorm\.", "attn_pool.norm."),
+    (r"^head\.mlp\.", "attn_pool.mlp."),
 ]
-_CLIP_QKV = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.(weight|bias)$")
+_CLIP_QKV = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.(weight|bias)$")
+_CLIP_DROPPED = re.compile(r"^(?:text_model\.|text_projection\.|logit_scale$|logit_bias$|.*position_ids$)")
 
 
 def convert_hub_clip(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A transformers CLIP state dict (its vision tower; the text tower and logit scale are dropped) -> timm's keys."""
+    """A transformers CLIP / SigLIP state dict (its vision tower; the text tower and logit scale are dropped) ->
+    timm's keys."""
     out: dict[str, Tensor] = {}
     parts: dict[tuple[int, str], dict[str, Tensor]] = {}
-    for key, value in state.items():
+    for full_key, value in state.items():
+        if _CLIP_DROPPED.match(full_key):
+            continue
+        key = full_key.removeprefix("vision_model.")
         qkv = _CLIP_QKV.match(key)
         if qkv:
             parts.setdefault((int(qkv.group(1)), qkv.group(3)), {})[qkv.group(2)[0]] = value  # q, k or v
-        elif key == "vision_model.embeddings.class_embedding":
+        elif key == "embeddings.class_embedding":
             out["cls_token"] = value.reshape(1, 1, -1)
-        elif key == "vision_model.embeddings.position_embedding.weight":
+        elif key == "embeddings.position_embedding.weight":
             out["pos_embed"] = value[None]
         elif key == "visual_projection.weight":
             out["head.weight"] = value
             out["head.bias"] = value.new_zeros(value.shape[0])
-        elif key.startswith("vision_model.") and not key.endswith("position_ids"):
+        elif key == "head.probe":
+            out["attn_pool.latent"] = value
+        elif key.startswith("head.attention.in_proj_"):  # (3C, C) / (3C,): q, then k and v together
+            kind = key.rsplit("_", 1)[1]
+            out[f"attn_pool.q.{kind}"], out[f"attn_pool.kv.{kind}"] = value.split([value.shape[0] // 3,
+                                                                                  2 * value.shape[0] // 3])
+        else:
             new = key
             for pattern, repl in _CLIP_RENAMES:
                 new = re.sub(pattern, repl, new)
@@ -205,7 +268,7 @@ def convert_hub_clip(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 # transformers' saved ViT / DeiT keys (also the in-memory names of transformers 5) -> timm's
 _RENAMES = [
-    (r"^(?:vit|deit)\.", ""),
+    (r"^(?:vit|deit|dinov2)\.", ""),
     (r"^embeddings\.cls_token$", "cls_token"),
     (r"^embeddings\.distillation_token$", "dist_token"),
     (r"^embeddings\.position_embeddings$", "pos_embed"),
@@ -213,7 +276,12 @@ _RENAMES = [
     (r"^(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
     (r"^(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
     (r"^(?:encoder\.layer|layers)\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
-    (r"^layers\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
+    (r"^(?:encoder\.layer|layers)\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
+    (r"^embeddings\.register_tokens$", "reg_token"),  # DINOv2: LayerScale, its MLP, pre-norm names
+    (r"^encoder\.layer\.(\d+)\.layer_scale(\d)\.lambda1$", r"blocks.\1.ls\2.gamma"),
+    (r"^encoder\.layer\.(\d+)\.(norm\d)\.", r"blocks.\1.\2."),
+    (r"^encoder\.layer\.(\d+)\.mlp\.(?:fc1|weights_in)\.", r"blocks.\1.mlp.fc1."),
+    (r"^encoder\.layer\.(\d+)\.mlp\.(?:fc2|weights_out|down_proj)\.", r"blocks.\1.mlp.fc2."),
     (r"^(?:encoder\.layer\.(\d+)\.intermediate\.dense|layers\.(\d+)\.mlp\.fc1)\.", r"blocks.\1\2.mlp.fc1."),
     (r"^(?:encoder\.layer\.(\d+)\.output\.dense|layers\.(\d+)\.mlp\.fc2)\.", r"blocks.\1\2.mlp.fc2."),
     (r"^layernorm\.", "norm."),
@@ -221,39 +289,62 @@ _RENAMES = [
     (r"^cls_classifier\.", "head."),
     (r"^distillation_classifier\.", "head_dist."),
 ]
-_QKV = re.compile(r"^(?:vit\.|deit\.)?(?:encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)|"
-                  r"layers\.(\d+)\.attention\.(q_proj|k_proj|v_proj))\.(weight|bias)$")
-_IGNORED = re.compile(r"^(?:vit\.|deit\.)?(?:pooler\.|embeddings\.mask_token$)")  # parts no timm ViT has
+_QKV = re.compile(r"^(?:vit\.|deit\.|dinov2\.)?(?:encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)|"
+                  r"(?:layers|encoder\.layer)\.(\d+)\.attention\.(q_proj|k_proj|v_proj))\.(weight|bias)$")
+# transformers 5's in-memory SwiGLU (DINOv2 giant): gate and up, which timm's packed fc1 stacks (gate first)
+_GLU = re.compile(r"^(?:dinov2\.)?encoder\.layer\.(\d+)\.mlp\.(gate|up)_proj\.(weight|bias)$")
+_IGNORED = re.compile(r"^(?:vit\.|deit\.|dinov2\.)?(?:pooler\.|embeddings\.mask_token$)")  # parts no timm ViT has
 
 
 def convert_hub_vit(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A `transformers` ViT / DeiT state dict -> timm's VisionTransformer keys (q, k, v stacked into qkv)."""
+    """A `transformers` ViT / DeiT / DINOv2 state dict -> timm's VisionTransformer keys (q, k, v stacked into qkv).
+    DINOv2 (LayerScale keys) adds its class position embedding to the class token (timm's `no_embed_class`: the
+    registers sit between the class token and the patches and take no position)."""
     out: dict[str, Tensor] = {}
     parts: dict[tuple[int, str], dict[str, Tensor]] = {}
+    glu: dict[tuple[int, str], dict[str, Tensor]] = {}
     for key, value in state.items():
         if _IGNORED.match(key):
             continue
-        qkv = _QKV.match(key)
+        qkv, gated = _QKV.match(key), _GLU.match(key)
         if qkv:
             layer = int(qkv.group(1) or qkv.group(3))
             parts.setdefault((layer, qkv.group(5)), {})[(qkv.group(2) or qkv.group(4))[0]] = value  # q, k or v
+            continue
+        if gated:
+            glu.setdefault((int(gated.group(1)), gated.group(3)), {})[gated.group(2)] = value
             continue
         new = key
         for pattern, repl in _RENAMES:
             new = re.sub(pattern, repl, new)
         out[new] = value
+    out |= {f"blocks.{layer}.mlp.fc1.{kind}": torch.cat([p["gate"], p["up"]]) for (layer, kind), p in glu.items()}
+    if any(k.endswith(".ls1.gamma") for k in out) and "pos_embed" in out:  # DINOv2: (1, 1 + N, C) -> (1, N, C)
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+        out["pos_embed"] = out["pos_embed"][:, 1:]
     return out | stacked_qkv(parts)
 
 
+def resample_dinov2_pos(pos: Tensor, grid: tuple[int, int], antialias: bool) -> Tensor:
+    """`(1, n*n, C)` patch position embeddings -> `(1, gh*gw, C)` as transformers' DINOv2 does at each forward:
+    bicubic in float32 (align_corners False), antialiased for the registers model."""
+    side = int(round(pos.shape[1] ** 0.5))
+    if (side, side) == tuple(grid):
+        return pos
+    square = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # (1, C, n, n)
+    out = torch.nn.functional.interpolate(square, size=grid, mode="bicubic", align_corners=False, antialias=antialias)
+    return out.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+
+
 def is_hub_state(state: dict[str, Tensor]) -> bool:
-    """Whether a state dict has `transformers`' ViT / DeiT / CLIP keys."""
-    return any(k.startswith(("vit.embeddings.", "deit.embeddings.", "embeddings.patch_embeddings.",
-                             "vision_model.embeddings.")) for k in state)
+    """Whether a state dict has `transformers`' ViT / DeiT / DINOv2 / CLIP / SigLIP keys."""
+    return any(k.startswith(("vit.embeddings.", "deit.embeddings.", "dinov2.embeddings.", "embeddings.patch_embeddings.",
+                             "vision_model.embeddings.", "embeddings.patch_embedding.")) for k in state)
 
 
 def convert_hub_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A transformers ViT / DeiT / CLIP state dict -> timm's keys."""
-    if any(k.startswith("vision_model.") for k in state):
+    """A transformers ViT / DeiT / DINOv2 / CLIP / SigLIP state dict -> timm's keys."""
+    if any(k.startswith(("vision_model.", "embeddings.patch_embedding.")) for k in state):
         return convert_hub_clip(state)
     return convert_hub_vit(state)
 

@@ -38,7 +38,14 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_modules.hub import convert_hub_state, hub_weights, is_hub, is_hub_state, read_hub_vit
+from lightning_modules.hub import (
+    convert_hub_state,
+    hub_weights,
+    is_hub,
+    is_hub_state,
+    read_hub_vit,
+    resample_dinov2_pos,
+)
 from lightning_modules.layers import ReductionAttentionOps, ReductionBlock, SplitBlock, convert_eva
 from lightning_modules.ops import mean_rope
 from lightning_modules.trace import TokenTrace, TraceRecorder
@@ -196,7 +203,11 @@ def create_hub_vit(backbone: str, *, num_classes: int, pretrained: bool, drop_pa
                               **(hub.kwargs | kwargs))
     assert isinstance(model, VisionTransformer)
     if pretrained:
-        state = checkpoint_filter_fn(hub_weights(hub), model)  # resizes pos_embed for another img_size
+        state = hub_weights(hub)
+        if hub.pos_antialias is not None:  # DINOv2: transformers' own resampling, once
+            grid = cast(tuple[int, int], tuple(model.patch_embed.grid_size))
+            state["pos_embed"] = resample_dinov2_pos(state["pos_embed"], grid, hub.pos_antialias)
+        state = checkpoint_filter_fn(state, model)  # resizes pos_embed for another img_size
         _load_matching(model, state, backbone)
     return model
 

@@ -24,37 +24,49 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
     folder = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
     clip = {k: v for k, v in SMALL.items() if k != "num_labels"} | {"projection_dim": 10}
+    dino = {k: v for k, v in clip.items() if k not in ("intermediate_size", "projection_dim")} | {"image_size": 48}
     models = {"vit": transformers.ViTForImageClassification(transformers.ViTConfig(**SMALL)),
               "deit": transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**SMALL)),
-              "clip": transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**clip))}
+              "clip": transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**clip)),
+              # DINOv2 pretrained at 48 px (12 x 12 positions), run at 32: transformers resamples at each forward
+              "dinov2": transformers.Dinov2Model(transformers.Dinov2Config(**dino, layerscale_value=0.5)),
+              "dinov2_reg": transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+                  **dino, num_register_tokens=2, layerscale_value=0.5)),
+              "dinov2_swiglu": transformers.Dinov2Model(transformers.Dinov2Config(**dino, use_swiglu_ffn=True)),
+              "siglip": transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**clip))}
     out = {}
     for name, model in models.items():
         with torch.no_grad():  # non-trivial norms and biases (the random init leaves them at 1 and 0)
             for key, value in model.state_dict().items():
-                if "layernorm" in key or key.endswith("bias"):
+                if "norm" in key or key.endswith(("bias", "lambda1", "probe", "_token", "tokens")):
                     value.add_(0.1 * torch.randn_like(value))
         model.save_pretrained(folder / name)
         out[name] = (folder / name, model.eval())
     return out
 
 
-def build(backbone: str, method: str = "dense", **settings: Any) -> Any:
+def build(backbone: str, method: str = "dense", num_classes: int = 10, **settings: Any) -> Any:
     torch.manual_seed(0)
-    return METHODS[method](backbone=backbone, num_classes=10, pretrained=True, drop_path_rate=0.0,
+    return METHODS[method](backbone=backbone, num_classes=num_classes, pretrained=True, drop_path_rate=0.0,
                            **settings).student.eval()
 
 
-@pytest.mark.parametrize("kind", ["vit", "deit", "clip"])
+@pytest.mark.parametrize("kind", ["vit", "deit", "clip", "dinov2", "dinov2_reg", "dinov2_swiglu", "siglip"])
 def test_converted_model_gives_the_transformers_logits(kind: str, checkpoints: dict[str, tuple[Path, Any]]) -> None:
     """ViT: its logits; DeiT with teacher: the mean of both heads, as timm's; CLIP's vision tower with projection:
-    its image embeddings (pre-norm, QuickGELU, the projection as the head)."""
+    its image embeddings (pre-norm, QuickGELU, the projection as the head); DINOv2 (LayerScale, registers, SwiGLU;
+    position embeddings resampled from 48 to 32 px as transformers does) and SigLIP (MAP head): `pooler_output`."""
     folder, source = checkpoints[kind]
-    student = build(f"hf:{folder}")
+    pooled = kind.startswith(("dinov2", "siglip"))
+    student = build(f"hf:{folder}", img_size=32)
+    if pooled:  # an embedding model (no classifier): compare what the new head reads
+        student.vit.head = torch.nn.Identity()
     with torch.no_grad():
         out = source(pixel_values=IMAGES)
-        expected = out.image_embeds if kind == "clip" else out.logits
+        expected = out.pooler_output if pooled else out.image_embeds if kind == "clip" else out.logits
         torch.testing.assert_close(student(IMAGES), expected, rtol=0, atol=1e-5)
-    assert student.num_prefix_tokens == (2 if kind == "deit" else 1)
+    prefix = {"deit": 2, "dinov2_reg": 3, "siglip": 0}
+    assert student.num_prefix_tokens == prefix.get(kind, 1)
 
 
 def test_weights_file_in_transformers_layout(checkpoints: dict[str, tuple[Path, Any]]) -> None:
@@ -67,14 +79,28 @@ def test_weights_file_in_transformers_layout(checkpoints: dict[str, tuple[Path, 
         torch.testing.assert_close(student(IMAGES), source(pixel_values=IMAGES).logits, rtol=0, atol=1e-5)
 
 
+CLASS_TOKEN_METHODS = ("evit", "diffrate")  # rank by the class token's attention: refused without one (SigLIP)
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2_reg", "siglip"])
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "dense"])
-def test_every_method_runs_on_a_converted_model(method: str, checkpoints: dict[str, tuple[Path, Any]]) -> None:
-    """Off: the converted dense logits exactly; on: the trace shows a reduction."""
-    folder, source = checkpoints["vit"]
-    off = build(f"hf:{folder}", method, **(METHODS[method].demo_settings | METHODS[method].off_settings))
-    on = build(f"hf:{folder}", method, **METHODS[method].demo_settings)
+def test_every_method_runs_on_a_converted_model(method: str, kind: str,
+                                                checkpoints: dict[str, tuple[Path, Any]]) -> None:
+    """Off: the source's logits (pooled output for DINOv2 with registers, SigLIP) exactly; on: the trace shows a
+    reduction. Without a class token (SigLIP), the class-attention methods refuse in one line."""
+    folder, source = checkpoints[kind]
+    settings = METHODS[method].demo_settings
+    if kind == "siglip" and method in CLASS_TOKEN_METHODS:
+        with pytest.raises(ValueError, match="has no class token"):
+            build(f"hf:{folder}", method, img_size=32, **settings)
+        return
+    off = build(f"hf:{folder}", method, img_size=32, **(settings | METHODS[method].off_settings))
+    on = build(f"hf:{folder}", method, img_size=32, **settings)
     with torch.no_grad():
-        torch.testing.assert_close(off(IMAGES), source(pixel_values=IMAGES).logits, rtol=0, atol=1e-5)
+        out = source(pixel_values=IMAGES)
+        if kind != "vit":
+            off.vit.head = torch.nn.Identity()
+        torch.testing.assert_close(off(IMAGES), out.logits if kind == "vit" else out.pooler_output, rtol=0, atol=1e-5)
         _, trace = on(IMAGES, trace=True)
     assert (trace.tokens[:, -1] < trace.tokens[:, 0]).all() or method == "avit"
 
@@ -82,8 +108,17 @@ def test_every_method_runs_on_a_converted_model(method: str, checkpoints: dict[s
 def test_other_models_are_refused_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "swin").mkdir()
     (tmp_path / "swin" / "config.json").write_text(json.dumps({"model_type": "swin"}))
-    with pytest.raises(ValueError, match="is a 'swin' model; leanvit maps transformers' vit, deit and clip"):
+    with pytest.raises(ValueError, match="is a 'swin' model; leanvit maps transformers' vit, deit, dinov2, clip"):
         build(f"hf:{tmp_path / 'swin'}")
+    refused = {"dinov2_cls": ({"model_type": "dinov2", "architectures": ["Dinov2ForImageClassification"]},
+                              "class token and the mean patch token concatenated"),
+               "siglip_gap": ({"model_type": "siglip_vision_model", "vision_use_head": False},
+                              "no attention-pooling head")}
+    for name, (config, message) in refused.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=message):
+            build(f"hf:{tmp_path / name}")
     with pytest.raises(ValueError, match="neither a local directory nor a hub model"):
         build("hf:nobody/no-such-model")
 
