@@ -3,6 +3,7 @@ configs built and saved here), under every method."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,40 @@ def test_converted_model_gives_the_transformers_logits(kind: str, checkpoints: d
         torch.testing.assert_close(student(IMAGES), expected, rtol=0, atol=1e-5)
     prefix = {"deit": 2, "dinov2_reg": 3, "siglip": 0}
     assert student.num_prefix_tokens == prefix.get(kind, 1)
+
+
+def hf_tome_reference(source: Any, images: torch.Tensor, r: int, prop_attn: bool) -> torch.Tensor:
+    """ToMe run through the transformers ViT's own modules (its embeddings, q/k/v/o projections, norms, MLP and
+    classifier, no conversion): per image, explicit softmax attention with log(size), the mean key over heads as the
+    metric, the official matching by enumeration (`test_tome.brute_force_merge`)."""
+    from test_tome import brute_force_merge
+
+    heads, logits = source.config.num_attention_heads, []
+    for image in images:
+        x = source.vit.embeddings(image[None])[0]  # (N, C)
+        size = torch.ones(x.shape[0])
+        for layer in source.vit.layers:
+            h = layer.layernorm_before(x)
+            attn = layer.attention
+            q, k, v = (p(h).reshape(x.shape[0], heads, -1).transpose(0, 1) for p in (attn.q_proj, attn.k_proj,
+                                                                                     attn.v_proj))  # (H, N, d)
+            logit = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + (size.log() if prop_attn else 0)
+            x = x + attn.o_proj((logit.softmax(-1) @ v).transpose(0, 1).reshape(x.shape[0], -1))
+            merged, merged_size, _ = brute_force_merge(x[None], k.mean(0)[None], size[None, :, None], r, 1)
+            x, size = merged[0], merged_size[0, :, 0]
+            x = x + layer.mlp(layer.layernorm_after(x))
+        logits.append(source.classifier(source.vit.layernorm(x)[None, 0]))
+    return torch.cat(logits)
+
+
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_tome_on_the_converted_model_equals_tome_on_the_source(prop_attn: bool,
+                                                               checkpoints: dict[str, tuple[Path, Any]]) -> None:
+    folder, source = checkpoints["vit"]
+    student = build(f"hf:{folder}", "tome", r=9, prop_attn=prop_attn)
+    with torch.no_grad():
+        torch.testing.assert_close(student(IMAGES), hf_tome_reference(source, IMAGES, 9, prop_attn), rtol=0,
+                                   atol=1e-5)
 
 
 def test_weights_file_in_transformers_layout(checkpoints: dict[str, tuple[Path, Any]]) -> None:
