@@ -33,6 +33,7 @@ from lightning_modules.macs import count_macs
 from lightning_modules.schedule import ReductionSchedule
 from lightning_modules.trace import TokenTrace, patch_regions, region_keep_counts
 from lightning_modules.vit import StudentOutput, ViTStudent, create_teacher, create_vit, load_weights
+from lightning_modules.zero_shot import ZeroShotHead, check_zero_shot, class_weights, embedding_width
 
 Distillation = Literal["none", "soft", "hard"]
 
@@ -224,6 +225,7 @@ class ReductionModule(pl.LightningModule):
         momentum: float = 0.9,
         lr_schedule: Literal["cosine", "poly"] = "cosine",
         poly_power: float = 0.9,
+        zero_shot: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         # Plain containers only: the hyperparameters go into every checkpoint (read with weights_only=True).
@@ -286,8 +288,9 @@ class ReductionModule(pl.LightningModule):
         hp = self.hp
         if block_fn is not None:  # a method's blocks: attention with what reduction needs beside fused SDPA
             vit_kwargs = {"attn_layer": ReductionAttention} | (vit_kwargs or {})
-        vit = create_vit(
-            hp.backbone, num_classes=hp.num_classes, img_size=hp.img_size,
+        prompts = check_zero_shot(dict(hp.zero_shot), hp.backbone, hp.num_classes) if hp.zero_shot else None
+        vit = create_vit(  # zero-shot: the image tower with its projection head, the text weights come after
+            hp.backbone, num_classes=embedding_width(hp.backbone) if prompts else hp.num_classes, img_size=hp.img_size,
             pretrained=hp.pretrained and hp.weights is None, drop_path_rate=hp.drop_path_rate,
             drop_rate=hp.drop_rate, block_fn=block_fn, **(vit_kwargs or {}), **(hp.backbone_kwargs or {}),
         )
@@ -296,6 +299,9 @@ class ReductionModule(pl.LightningModule):
         if self.distillation != "none" and isinstance(vit, VisionTransformerDistilled):
             vit.set_distilled_training(True)  # distilled DeiT: the dist token's head learns from the teacher
         student = student_cls(vit, **student_kwargs)
+        if prompts is not None:  # the projection, normalised, against the prompts' text embeddings
+            weights = class_weights(hp.backbone, hp.weights, *prompts, batch_size=int(hp.zero_shot.get("batch_size", 256)))
+            setattr(vit, "head", ZeroShotHead(vit.head, weights))
         if hp.weights is not None:
             load_weights(student, hp.weights)
         if hp.linear_probe:  # a frozen backbone (DINOv3's evaluation): the classifier and the method's own modules train

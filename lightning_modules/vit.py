@@ -502,6 +502,8 @@ def load_weights(model: nn.Module, path: str | pathlib.Path) -> None:
             state = checkpoint_filter_fn(state, vit)  # resizes pos_embed, converts old layouts
         elif isinstance(vit, Eva):
             state = eva_checkpoint_filter_fn(state, vit)  # official EVA / PE / DINOv3 layouts -> timm's
+        if hasattr(getattr(vit, "head", None), "projection"):  # a zero-shot head: the file's head is its projection
+            state = {(f"head.projection.{k[len('head.'):]}" if k.startswith("head.") else k): v for k, v in state.items()}
         if isinstance(model, ViTStudent):
             state = {f"vit.{k}": v for k, v in state.items()} | own
     _load_matching(model, state, path)

@@ -166,7 +166,8 @@ def micro_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     folder = tmp_path_factory.mktemp("open_clip")
     config = {"embed_dim": 32, "quick_gelu": True,
               "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 4, "head_width": 32},
-              "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+              # open_clip's own tokenizer (OpenAI's BPE, shipped with it) needs its full vocabulary
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
     (folder / "ViT-micro-leanvit.json").write_text(json.dumps(config))
     open_clip.add_model_config(str(folder / "ViT-micro-leanvit.json"))
     torch.manual_seed(0)
@@ -194,3 +195,78 @@ def test_open_clip_tower_gives_its_image_embeddings(micro_clip: tuple[Path, Any]
     assert trace.tokens[0].tolist() == [65, 61, 57, 53]
     with pytest.raises(ValueError, match="names no pretrained tag"):
         METHODS["dense"](backbone="open_clip:ViT-micro-leanvit", num_classes=32, pretrained=True)
+
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def test_zero_shot_open_clip_equals_open_clips_own_classifier(micro_clip: tuple[Path, Any], tmp_path: Path) -> None:
+    """`model.zero_shot` with templates from a file: the logits equal open_clip's `build_zero_shot_classifier`
+    (prompt ensembling) applied to `encode_image`, times the model's logit scale; ToMe runs on it."""
+    open_clip = pytest.importorskip("open_clip")
+    path, model = micro_clip
+    templates = ["a photo of the number {}.", "# a comment line", "", "a drawing of a {}."]
+    (tmp_path / "templates.txt").write_text("\n".join(templates))
+    zero_shot = {"classnames": DIGITS, "templates": str(tmp_path / "templates.txt")}
+    torch.manual_seed(0)
+    student = METHODS["dense"](backbone="open_clip:ViT-micro-leanvit", num_classes=10, weights=str(path),
+                               zero_shot=zero_shot, drop_path_rate=0.0).student.eval()
+    with torch.no_grad():
+        classifier = open_clip.build_zero_shot_classifier(
+            model, open_clip.get_tokenizer("ViT-micro-leanvit"), DIGITS, [templates[0], templates[3]])  # (D, 10)
+        image = torch.nn.functional.normalize(model.encode_image(IMAGES), dim=-1)
+        torch.testing.assert_close(student(IMAGES), model.logit_scale.exp() * image @ classifier, rtol=0, atol=1e-5)
+        tome = METHODS["tome"](backbone="open_clip:ViT-micro-leanvit", num_classes=10, weights=str(path), r=4,
+                               zero_shot=zero_shot, drop_path_rate=0.0).student.eval()
+        logits, trace = tome(IMAGES, trace=True)
+    assert logits.shape == (2, 10) and trace.tokens[0].tolist() == [65, 61, 57, 53]
+    with pytest.raises(ValueError, match="model.zero_shot.classnames: 10 names for model.num_classes 1000"):
+        METHODS["dense"](backbone="open_clip:ViT-micro-leanvit", weights=str(path), zero_shot=zero_shot)
+    with pytest.raises(ValueError, match="every template needs"):
+        METHODS["dense"](backbone="open_clip:ViT-micro-leanvit", num_classes=10, weights=str(path),
+                         zero_shot={"classnames": DIGITS, "templates": ["a photo"]})
+
+
+def clip_tokenizer_files(folder: Path) -> None:
+    """A CLIP byte-level BPE with no merges (each character a token; 512 + 2 special tokens), saved beside the model
+    as transformers saves a tokenizer, so a random CLIPModel has one offline."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = [*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]
+    transformers.CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=[]).save_pretrained(folder)
+
+
+def test_zero_shot_hf_clip_equals_its_logits_per_image(tmp_path: Path) -> None:
+    """A transformers CLIPModel with its tokenizer: with one template, the zero-shot logits are the model's own
+    `logits_per_image` for the class prompts."""
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32,
+                         bos_token_id=512, eos_token_id=513, pad_token_id=513),
+        vision_config={k: v for k, v in SMALL.items() if k != "num_labels"}, projection_dim=16)
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(config).eval()
+    model.save_pretrained(tmp_path)
+    clip_tokenizer_files(tmp_path)
+    prompts = [f"a photo of a {name}." for name in DIGITS]
+    student = build(f"hf:{tmp_path}", zero_shot={"classnames": DIGITS, "templates": ["a photo of a {}."]})
+    tokens = transformers.CLIPTokenizer.from_pretrained(tmp_path)(prompts, padding="max_length", max_length=32,
+                                                                  return_tensors="pt")
+    with torch.no_grad():
+        expected = model(input_ids=tokens.input_ids, pixel_values=IMAGES).logits_per_image
+        torch.testing.assert_close(student(IMAGES), expected, rtol=0, atol=1e-5)
+    assert (expected.std(dim=1) > 1e-3).all()  # the prompts differ: the classes' weights do too
+
+
+def test_zero_shot_validate_runs_offline(micro_clip: tuple[Path, Any], in_tmp: Path) -> None:
+    """`leanvit validate` with ToMe and a zero-shot head on the embedded digits: one command, no download (the
+    random model's accuracy means nothing; what it computes is checked above)."""
+    from helpers import QUICKSTART, leanvit
+
+    path, _ = micro_clip
+    assert leanvit("validate", QUICKSTART, "method=tome", "model.r=4", "model.backbone=open_clip:ViT-micro-leanvit",
+                   f"model.weights={path}", f"model.zero_shot.classnames=[{','.join(DIGITS)}]",
+                   "model.zero_shot.templates=simple", "trainer.enable_progress_bar=false", "experiment=zs") == 0
+    result = json.loads(next((in_tmp / "runs" / "zs").glob("*/results_validate.json")).read_text())
+    assert 0 <= result["val/acc1"] <= 100 and result["tokens/layer_3"] == 53  # ToMe r 4: 65, 61, 57, 53
