@@ -1,6 +1,7 @@
-"""`leanvit export CONFIG [overrides] format=onnx|torch-export batch_size=N output=PATH [dynamic_batch=true]`:
+"""`leanvit export CONFIG [overrides] format=onnx|torch-export|hf batch_size=N output=PATH [dynamic_batch=true]`:
 a method's student as an ONNX model or a `torch.export` program (`.pt2`, for AOTInductor and ExecuTorch),
-checked before it is kept.
+checked before it is kept; or (`format=hf`) a dense ViT / DeiT as a `transformers` checkpoint folder
+(`config.json`, `model.safetensors`), checked by loading it with `transformers`.
 
 Flow: config -> the module with its weights (`model.weights=FILE`, or `resume=RUN_DIR|last|FILE.ckpt`: the run's
 checkpoint) -> `torch.export` of `images -> logits` at `batch_size` (the batch dimension symbolic with
@@ -18,6 +19,7 @@ import contextlib
 import importlib.metadata
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 
 from experiments.config import ConfigError
 
-FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
+FORMATS = {"onnx": ".onnx", "torch-export": ".pt2", "hf": ""}  # hf: a folder
 ONNX_OPSET = 20  # the opset torch's exporter (dynamo=True) writes by default in the tested torch; opset=N changes it
 METADATA_FILE = "leanvit.json"  # a .pt2's extra file holding the metadata
 
@@ -169,10 +171,20 @@ def check_export_options(cfg: dict[str, Any]) -> tuple[str, int, Path]:
         if cfg.get(key) is not None and not cfg[key] >= 0:
             raise ConfigError(f"{key}: expected a tolerance >= 0, got {cfg[key]!r}")
     name = experiment_name(cfg).replace("/", "_")
-    output = Path(cfg.get("output") or Path("exports") / f"{name}_b{batch_size}{FORMATS[format]}")
+    default = f"{name}_hf" if format == "hf" else f"{name}_b{batch_size}{FORMATS[format]}"
+    output = Path(cfg.get("output") or Path("exports") / default)
     if output.exists():
         raise ConfigError(f"output: {output} exists and is never overwritten; remove it or pass output=OTHER_PATH")
-    if output.suffix != FORMATS[format]:
+    if format == "hf":
+        if cfg.get("method") != "dense":
+            raise ConfigError(f"format: hf writes a dense transformers model, and transformers has no "
+                              f"{cfg.get('method')}: export with method=dense (a checkpoint of a method that adds no "
+                              f"parameters - tome, evit, pitome, mctf, atc - loads into it)")
+        try:
+            import transformers  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(f"format: hf needs the hub extra ({first_line(err)}): pip install -e '.[hub]'") from err
+    elif output.suffix != FORMATS[format]:
         raise ConfigError(f"output: a {format} file ends in {FORMATS[format]}, got {str(output)!r}")
     if format == "onnx":
         require_onnx("format: onnx")
@@ -225,7 +237,8 @@ def validation_images(datamodule: Any, count: int) -> Tensor:
 
 @contextlib.contextmanager
 def staged(output: Path) -> Iterator[Path]:
-    """A temporary path beside `output`, renamed to it when the block succeeds, removed when it fails."""
+    """A temporary path (a file, or a folder the block makes) beside `output`, renamed to it when the block succeeds,
+    removed when it fails."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
@@ -234,6 +247,8 @@ def staged(output: Path) -> Iterator[Path]:
             raise ConfigError(f"output: {output} appeared while exporting; it is kept and this export dropped")
         os.replace(tmp, output)
     finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
         tmp.unlink(missing_ok=True)
 
 
@@ -280,6 +295,41 @@ def export_module(module: Any, method: str, images: Tensor, output: Path, format
     return worst
 
 
+def export_hf(module: Any, images: Tensor, output: Path, *, atol: float = DEFAULT_ATOL,
+              rtol: float = DEFAULT_RTOL) -> float:
+    """A dense ViT / DeiT student -> a `transformers` checkpoint folder at `output` (config.json and
+    model.safetensors in transformers' saved layout), kept only when `transformers` loads it and gives the student's
+    logits on `images`; return the largest difference."""
+    import transformers
+    from safetensors.torch import save_file
+
+    from lightning_modules.hub import hub_vit_layout
+
+    try:
+        entries, state = hub_vit_layout(module.student.vit)
+    except ValueError as err:
+        raise ExportRefused(str(err)) from err
+    student = module.student.eval()
+    with torch.no_grad():
+        expected = student(images)
+    config_class = transformers.DeiTConfig if entries["model_type"] == "deit" else transformers.ViTConfig
+    with staged(output) as tmp:
+        tmp.mkdir()
+        fields = {k: v for k, v in entries.items() if k != "model_type"}
+        config_class(**fields).save_pretrained(tmp)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model_class = getattr(transformers, entries["architectures"][0])
+        model = model_class.from_pretrained(tmp).eval()
+        with torch.no_grad():
+            out = model(pixel_values=images)
+        got = out.logits if hasattr(out, "logits") else out.pooler_output
+        diff = float((got - expected).abs().max())
+        if got.shape != expected.shape or not torch.allclose(got, expected, atol=atol, rtol=rtol):
+            raise ExportRefused(f"export: transformers' {entries['architectures'][0]} gives other logits than the "
+                                f"eager student (max |difference| {diff:.3g}); nothing written")
+    return diff
+
+
 def export_command(config: str, overrides: list[str]) -> int:
     """The `leanvit export` command."""
     from experiments.build import build_objects, load_checked
@@ -308,6 +358,11 @@ def export_command(config: str, overrides: list[str]) -> int:
     opset = int(cfg.get("opset") or ONNX_OPSET)
     atol = DEFAULT_ATOL if cfg.get("atol") is None else float(cfg["atol"])
     rtol = DEFAULT_RTOL if cfg.get("rtol") is None else float(cfg["rtol"])
+    if format == "hf":
+        diff = export_hf(module, images, output, atol=atol, rtol=rtol)
+        print(f"leanvit export: wrote {output} (a transformers checkpoint; loaded with transformers, its logits "
+              f"within {diff:.2g} of the eager student on {batch_size} validation images)")
+        return 0
     print(f"leanvit export: {cfg['method']} -> {format} at batch {'N' if cfg.get('dynamic_batch') else batch_size} "
           f"...", file=sys.stderr, flush=True)
     diff = export_module(module, cfg["method"], images, output, format, dynamic_batch=bool(cfg.get("dynamic_batch")),

@@ -364,3 +364,74 @@ def hub_weights(hub: HubViT) -> dict[str, Tensor]:
     else:
         raise ValueError(f"model.pretrained: hf:{hub.source} has no model.safetensors or pytorch_model.bin in {folder}")
     return convert_hub_state(state)
+
+
+# ------------------------------------------------------------------------------------ back to transformers
+_SAVED = [  # timm key (after `blocks.<i>.`) -> transformers' saved ViT / DeiT layout (after `<prefix>encoder.layer.<i>.`)
+    ("norm1.", "layernorm_before."), ("norm2.", "layernorm_after."), ("attn.proj.", "attention.output.dense."),
+    ("mlp.fc1.", "intermediate.dense."), ("mlp.fc2.", "output.dense."),
+]
+
+
+def hub_vit_layout(vit: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A timm ViT that transformers' `vit` / `deit` express exactly -> (its `config.json` entries, its weights in
+    transformers' saved key layout): the inverse of `convert_hub_vit`. Anything else is refused in one line naming
+    what transformers' ViT does not have."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    block = vit.blocks[0]
+    act = getattr(block.mlp, "act", None)
+    differs = [name for name, present in (
+        ("pre-norm", not isinstance(getattr(vit, "norm_pre", nn.Identity()), nn.Identity)),
+        ("LayerScale", not isinstance(getattr(block, "ls1", nn.Identity()), nn.Identity)),
+        ("register tokens", getattr(vit, "num_reg_tokens", 0) > 0),
+        ("no class token", getattr(vit, "cls_token", None) is None),
+        ("position embeddings without the class token", bool(getattr(vit, "no_embed_class", False))),
+        ("a pooling other than the class token", getattr(vit, "global_pool", "token") != "token"
+         or getattr(vit, "attn_pool", None) is not None or not isinstance(vit.fc_norm, nn.Identity)),
+        ("qk-norm", not isinstance(getattr(block.attn, "q_norm", nn.Identity()), nn.Identity)),
+        ("an activation other than exact GELU", not (isinstance(act, nn.GELU) and act.approximate == "none")),
+        ("a gated or normed MLP", not hasattr(block.mlp, "fc2") or not isinstance(getattr(block.mlp, "norm",
+                                                                                             nn.Identity()), nn.Identity)),
+        ("a patch embedding without bias", vit.patch_embed.proj.bias is None),
+    ) if present]
+    if differs:
+        raise ValueError(f"format=hf: transformers' ViT / DeiT has no {', '.join(differs)}; this backbone cannot be "
+                         f"written as one")
+    distilled = isinstance(vit, VisionTransformerDistilled)
+    prefix = "deit." if distilled else "vit."
+    state: dict[str, Tensor] = {
+        f"{prefix}embeddings.cls_token": vit.cls_token, f"{prefix}embeddings.position_embeddings": vit.pos_embed,
+        f"{prefix}embeddings.patch_embeddings.projection.weight": vit.patch_embed.proj.weight,
+        f"{prefix}embeddings.patch_embeddings.projection.bias": vit.patch_embed.proj.bias,
+        f"{prefix}layernorm.weight": vit.norm.weight, f"{prefix}layernorm.bias": vit.norm.bias,
+    }
+    if distilled:
+        state[f"{prefix}embeddings.distillation_token"] = vit.dist_token
+    for i, blk in enumerate(vit.blocks):
+        layer = f"{prefix}encoder.layer.{i}."
+        for kind, tensor in blk.attn.qkv.state_dict().items():  # (3C, C) / (3C,): q, k, v stacked
+            for name, part in zip(("query", "key", "value"), tensor.chunk(3)):
+                state[f"{layer}attention.attention.{name}.{kind}"] = part
+        for key, tensor in blk.state_dict().items():
+            saved = next((key.replace(t, s, 1) for t, s in _SAVED if key.startswith(t)), None)
+            if saved is not None:
+                state[layer + saved] = tensor
+    heads = {"head": "cls_classifier" if distilled else "classifier", "head_dist": "distillation_classifier"}
+    for attr, name in heads.items():
+        head = getattr(vit, attr, None)
+        if isinstance(head, nn.Linear):
+            state[f"{name}.weight"], state[f"{name}.bias"] = head.weight, head.bias
+    labels = vit.head.out_features if isinstance(vit.head, nn.Linear) else 0
+    image = vit.patch_embed.img_size
+    if image is None or image[0] != image[1]:
+        raise ValueError(f"format=hf: transformers' ViT takes square images of a fixed size, not {image}")
+    config = dict(
+        model_type="deit" if distilled else "vit",
+        architectures=["DeiTForImageClassificationWithTeacher" if distilled else
+                       "ViTForImageClassification" if labels else "ViTModel"],
+        hidden_size=vit.embed_dim, num_hidden_layers=len(vit.blocks), num_attention_heads=block.attn.num_heads,
+        intermediate_size=block.mlp.fc1.out_features, hidden_act="gelu", layer_norm_eps=float(vit.norm.eps),
+        image_size=int(image[0]), patch_size=int(vit.patch_embed.patch_size[0]), num_channels=3,
+        qkv_bias=block.attn.qkv.bias is not None, num_labels=labels)
+    return config, {k: v.detach().contiguous().clone() for k, v in state.items()}

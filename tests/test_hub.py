@@ -270,3 +270,37 @@ def test_zero_shot_validate_runs_offline(micro_clip: tuple[Path, Any], in_tmp: P
                    "model.zero_shot.templates=simple", "trainer.enable_progress_bar=false", "experiment=zs") == 0
     result = json.loads(next((in_tmp / "runs" / "zs").glob("*/results_validate.json")).read_text())
     assert 0 <= result["val/acc1"] <= 100 and result["tokens/layer_3"] == 53  # ToMe r 4: 65, 61, 57, 53
+
+
+def test_export_format_hf_round_trips_through_transformers(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    """`leanvit export ... format=hf` writes a folder transformers loads (ViT; a distilled DeiT as
+    DeiTForImageClassificationWithTeacher) with the student's logits, and leanvit reads back as `hf:<folder>`;
+    a method other than dense, and a backbone transformers' ViT cannot express, are refused in one line."""
+    from experiments.export import ExportRefused, export_hf
+
+    from helpers import FAST, QUICKSTART, leanvit
+
+    out = in_tmp / "micro_hf"
+    assert leanvit("export", QUICKSTART, *FAST, "format=hf", "batch_size=2", f"output={out}") == 0
+    assert "a transformers checkpoint" in capsys.readouterr().out
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["micro_hf"]  # no temporary folder left
+    model = transformers.AutoModelForImageClassification.from_pretrained(out).eval()
+    back = build(f"hf:{out}")
+    with torch.no_grad():
+        torch.testing.assert_close(back(IMAGES), model(pixel_values=IMAGES).logits, rtol=0, atol=1e-5)
+    assert type(model).__name__ == "ViTForImageClassification" and len(model.vit.layers) == 2
+
+    torch.manual_seed(0)
+    deit = METHODS["dense"](backbone="deit_micro_distilled_patch4_32", num_classes=10, drop_path_rate=0.0)
+    export_hf(deit, IMAGES, in_tmp / "deit_hf")
+    teacher = transformers.DeiTForImageClassificationWithTeacher.from_pretrained(in_tmp / "deit_hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(pixel_values=IMAGES).logits, deit.student.eval()(IMAGES), rtol=0, atol=1e-5)
+
+    clip = METHODS["dense"](backbone="vit_base_patch16_clip_224", img_size=32, num_classes=10, backbone_kwargs=dict(
+        patch_size=4, embed_dim=64, depth=1, num_heads=2))
+    with pytest.raises(ExportRefused, match="transformers' ViT / DeiT has no pre-norm, a patch embedding without bias"):
+        export_hf(clip, IMAGES, in_tmp / "clip_hf")
+    assert not (in_tmp / "clip_hf").exists()
+    assert leanvit("export", QUICKSTART, *FAST, "format=hf", "method=tome") == 2
+    assert "format: hf writes a dense transformers model" in capsys.readouterr().err
