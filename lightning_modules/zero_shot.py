@@ -9,10 +9,15 @@ a frozen linear layer of the class weights (the scale folded in).
 
 The text tower comes from where the image tower does: an open_clip model (`open_clip:<arch>[:<tag>]`, or its
 state dict as `model.weights`) with open_clip's tokenizer, or a transformers `CLIPModel` (`hf:<dir or id>` holding
-the whole model and its tokenizer files).
+the whole model and its tokenizer files). It runs once, on the GPU when there is one, and its class weights are
+cached (`$LEANVIT_CACHE`, default `~/.cache/leanvit`, `zero_shot/<hash>.pt`; the hash covers the model, its weights
+file, the class names and the templates), so later runs of the same prompts read them.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -103,6 +108,11 @@ class TextTower:
         self.encode, self.tokenize, self.logit_scale = encode, tokenize, logit_scale
 
 
+def text_device() -> torch.device:
+    """Where the text tower runs: the (first) GPU when there is one; it runs before the trainer places the model."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def open_clip_text(backbone: str, weights: Optional[str]) -> TextTower:
     import open_clip
 
@@ -119,9 +129,9 @@ def open_clip_text(backbone: str, weights: Optional[str]) -> TextTower:
     else:
         raise ValueError(f"model.zero_shot: open_clip:{arch} names no pretrained tag and no model.weights: the text "
                          f"tower would be random")
-    model.eval()
+    model.eval().to(text_device())
     tokenizer = open_clip.get_tokenizer(arch)
-    return TextTower(lambda ids: model.encode_text(ids), tokenizer, float(model.logit_scale.exp()))
+    return TextTower(lambda ids: model.encode_text(ids.to(text_device())), tokenizer, float(model.logit_scale.exp()))
 
 
 def hf_clip_text(backbone: str, weights: Optional[str]) -> TextTower:
@@ -148,7 +158,7 @@ def hf_clip_text(backbone: str, weights: Optional[str]) -> TextTower:
         if missing:
             raise ValueError(f"model.zero_shot: {weights} has no text tower ({missing[:3]} ...); zero-shot needs the "
                              f"whole CLIPModel's weights")
-    model.eval()
+    model.eval().to(text_device())
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except Exception as err:  # no tokenizer files beside the weights
@@ -160,16 +170,52 @@ def hf_clip_text(backbone: str, weights: Optional[str]) -> TextTower:
         return tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt").input_ids
 
     def encode(ids: Tensor) -> Tensor:
-        out = model.get_text_features(input_ids=ids)
+        out = model.get_text_features(input_ids=ids.to(text_device()))
         return out if isinstance(out, Tensor) else out.pooler_output
 
     return TextTower(encode, tokenize, float(model.logit_scale.exp()))
 
 
-@torch.no_grad()
+def cache_file(backbone: str, weights: Optional[str], classnames: list[str], templates: list[str]) -> Path:
+    """Where the class weights of these prompts on this model are cached: a hash of the backbone, its weights file
+    (path, size, modification time) and the prompts."""
+    stat: Any = None
+    if weights is not None and Path(weights).is_file():
+        info = Path(weights).resolve().stat()
+        stat = [str(Path(weights).resolve()), info.st_size, info.st_mtime_ns]
+    elif backbone.startswith(PREFIX) and Path(backbone[len(PREFIX):]).expanduser().is_dir():  # a local folder
+        folder = Path(backbone[len(PREFIX):]).expanduser().resolve()
+        stat = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir()) if f.is_file()]
+    key = json.dumps([backbone, stat, classnames, templates])
+    root = Path(os.environ.get("LEANVIT_CACHE") or Path.home() / ".cache" / "leanvit").expanduser()
+    return root / "zero_shot" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+
+
 def class_weights(backbone: str, weights: Optional[str], classnames: list[str], templates: list[str],
                   batch_size: int = 256) -> Tensor:
-    """`(classes, D)`: each class's normalised mean of its normalised prompt embeddings, times the logit scale."""
+    """`(classes, D)`: each class's normalised mean of its normalised prompt embeddings, times the logit scale;
+    read from the cache when these prompts ran on this model before, else computed and cached (written atomically:
+    a failed write only costs the next run the computation)."""
+    path = cache_file(backbone, weights, classnames, templates)
+    if path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(cached, Tensor) and cached.shape[0] == len(classnames):
+            return cached
+    computed = embed_prompts(backbone, weights, classnames, templates, batch_size)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(computed, tmp)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: the weights are still used, only not kept
+        pass
+    return computed
+
+
+@torch.no_grad()
+def embed_prompts(backbone: str, weights: Optional[str], classnames: list[str], templates: list[str],
+                  batch_size: int = 256) -> Tensor:
+    """The class weights, computed with the text tower (a progress bar when there is more than one batch)."""
     from tqdm.auto import tqdm
 
     if backbone.startswith(OPEN_CLIP):
@@ -183,7 +229,7 @@ def class_weights(backbone: str, weights: Optional[str], classnames: list[str], 
     embedded = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="zero-shot class weights", unit="batch",
                       disable=len(prompts) <= batch_size):
-        embedded.append(nn.functional.normalize(tower.encode(tower.tokenize(prompts[start:start + batch_size])).float(),
-                                                dim=-1))
+        text = tower.encode(tower.tokenize(prompts[start:start + batch_size])).float()
+        embedded.append(nn.functional.normalize(text, dim=-1).cpu())
     per_class = torch.cat(embedded).reshape(len(classnames), len(templates), -1).mean(1)  # (classes, D)
     return tower.logit_scale * nn.functional.normalize(per_class, dim=-1)

@@ -15,9 +15,11 @@ import lightning_modules.vit  # noqa: E402,F401  (registers the micro ViTs with 
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     for name in ("LEANVIT_RUN_DIR", "LEANVIT_RESUME_CKPT", "LEANVIT_LAUNCHER_PID"):
         monkeypatch.delenv(name, raising=False)
+    # leanvit's cache (zero-shot class weights) in the session's temporary folder, never the user's
+    monkeypatch.setenv("LEANVIT_CACHE", str(tmp_path_factory.getbasetemp() / "leanvit_cache"))
 
 
 @pytest.fixture

@@ -200,9 +200,11 @@ def test_open_clip_tower_gives_its_image_embeddings(micro_clip: tuple[Path, Any]
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-def test_zero_shot_open_clip_equals_open_clips_own_classifier(micro_clip: tuple[Path, Any], tmp_path: Path) -> None:
+def test_zero_shot_open_clip_equals_open_clips_own_classifier(micro_clip: tuple[Path, Any], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """`model.zero_shot` with templates from a file: the logits equal open_clip's `build_zero_shot_classifier`
-    (prompt ensembling) applied to `encode_image`, times the model's logit scale; ToMe runs on it."""
+    (prompt ensembling) applied to `encode_image`, times the model's logit scale; ToMe runs on it; the class
+    weights are cached per model and prompts."""
     open_clip = pytest.importorskip("open_clip")
     path, model = micro_clip
     templates = ["a photo of the number {}.", "# a comment line", "", "a drawing of a {}."]
@@ -220,6 +222,23 @@ def test_zero_shot_open_clip_equals_open_clips_own_classifier(micro_clip: tuple[
                                zero_shot=zero_shot, drop_path_rate=0.0).student.eval()
         logits, trace = tome(IMAGES, trace=True)
     assert logits.shape == (2, 10) and trace.tokens[0].tolist() == [65, 61, 57, 53]
+    assert student.vit.head.classifier.weight.requires_grad is False  # the text side stays as the prompts give it
+
+    def no_text_tower(*args: Any) -> None:
+        raise AssertionError("the cached class weights were computed again")
+
+    from lightning_modules import zero_shot as zs
+
+    with monkeypatch.context() as patch:  # the same prompts on the same model: read from the cache
+        patch.setattr(zs, "embed_prompts", no_text_tower)
+        torch.manual_seed(0)
+        again = METHODS["dense"](backbone="open_clip:ViT-micro-leanvit", num_classes=10, weights=str(path),
+                                 zero_shot=zero_shot, drop_path_rate=0.0).student.eval()
+        with pytest.raises(AssertionError, match="computed again"):  # other prompts: computed
+            METHODS["dense"](backbone="open_clip:ViT-micro-leanvit", num_classes=10, weights=str(path),
+                             zero_shot=zero_shot | {"templates": ["a {}."]})
+    with torch.no_grad():
+        torch.testing.assert_close(again(IMAGES), student(IMAGES), rtol=0, atol=0)
     with pytest.raises(ValueError, match="model.zero_shot.classnames: 10 names for model.num_classes 1000"):
         METHODS["dense"](backbone="open_clip:ViT-micro-leanvit", weights=str(path), zero_shot=zero_shot)
     with pytest.raises(ValueError, match="every template needs"):
