@@ -337,8 +337,13 @@ class ReductionModule(pl.LightningModule):
         """Build the frozen teacher when training needs one (once; `fit` only, evaluation never needs it)."""
         if self.teacher is None and self.needs_teacher():
             name, kwargs = self.teacher_spec()
-            self.teacher = create_teacher(name, num_classes=self.num_classes, img_size=self.img_size,
-                                          weights=self.teacher_weights, **kwargs)
+            zero_shot = bool(self.hp.zero_shot) and self.teacher_name is None  # the zero-shot backbone itself
+            teacher = create_teacher(name, num_classes=embedding_width(name) if zero_shot else self.num_classes,
+                                     img_size=self.img_size, weights=self.teacher_weights, **kwargs)
+            if zero_shot:  # its projection against the student's class weights (the same prompts)
+                classes = cast(ZeroShotHead, self.student.vit.head).classifier.weight.detach().clone()
+                setattr(teacher, "head", ZeroShotHead(cast(nn.Module, teacher.head), classes).requires_grad_(False))
+            self.teacher = teacher
 
     def train(self, mode: bool = True) -> ReductionModule:
         super().train(mode)

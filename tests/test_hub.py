@@ -246,6 +246,20 @@ def test_zero_shot_open_clip_equals_open_clips_own_classifier(micro_clip: tuple[
                          zero_shot={"classnames": DIGITS, "templates": ["a photo"]})
 
 
+def test_zero_shot_dynamicvit_teacher_is_the_zero_shot_backbone(micro_clip: tuple[Path, Any]) -> None:
+    """DynamicViT's teacher (the backbone itself) classifies with the same text-side class weights: its logits are
+    the dense zero-shot model's."""
+    path, _ = micro_clip
+    zero_shot = {"classnames": DIGITS, "templates": ["a photo of the number {}."]}
+    common = dict(backbone="open_clip:ViT-micro-leanvit", num_classes=10, weights=str(path), zero_shot=zero_shot,
+                  drop_path_rate=0.0)
+    module = METHODS["dynamicvit"](**common, reduction_layers=[1], keep_rate=0.5)
+    module.prepare_teacher()
+    dense = METHODS["dense"](**common).student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module.teacher(IMAGES), dense(IMAGES), rtol=0, atol=1e-5)
+
+
 def clip_tokenizer_files(folder: Path) -> None:
     """A CLIP byte-level BPE with no merges (each character a token; 512 + 2 special tokens), saved beside the model
     as transformers saves a tokenizer, so a random CLIPModel has one offline."""
