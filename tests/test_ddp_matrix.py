@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
@@ -42,10 +43,11 @@ def recipe_args(method: str) -> list[str]:
     return [f"method={method}", *(f"model.{k}={v}" for k, v in METHODS[method].demo_settings.items())]
 
 
-def all_methods() -> list[str]:
+def all_methods() -> list[Any]:
+    """Every registered method; those without a recipe above (their `demo_settings`) run with `make test-slow`."""
     from lightning_modules import METHODS
 
-    return list(METHODS)
+    return [m if m in RECIPES else pytest.param(m, marks=pytest.mark.slow) for m in METHODS]
 
 
 @pytest.fixture(scope="module")

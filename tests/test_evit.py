@@ -216,6 +216,7 @@ def test_keep_rate_schedule_is_the_earlier_name_of_reduction_schedule() -> None:
         METHODS["dense"](backbone="vit_micro_patch4_32", reduction_schedule=schedule)
 
 
+@pytest.mark.slow  # make test trains EViT in the DDP matrix (with its keep-rate schedule); this checks it learns
 def test_fit_with_evit_learns(in_tmp: Path) -> None:
     assert leanvit("fit", QUICKSTART, *FAST, "method=evit", "model.keep_rate=0.7", "model.reduction_layers=[0,1]",
                    "trainer.max_epochs=6") == 0

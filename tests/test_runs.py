@@ -86,10 +86,14 @@ while True:
 
 
 def test_a_kill_during_a_checkpoint_write_never_corrupts_it(tmp_path: Path) -> None:
-    path = tmp_path / "last.ckpt"
+    """Writers (started together: their imports share the cores) are each killed at another point after their first
+    complete checkpoint; every file left is a complete checkpoint."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    for delay in (0.0, 0.013, 0.029, 0.047, 0.071):
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], env=env, stdout=subprocess.PIPE, text=True)
+    delays = (0.0, 0.013, 0.029, 0.047, 0.071)
+    paths = [tmp_path / f"last_{i}.ckpt" for i in range(len(delays))]
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path)], env=env, stdout=subprocess.PIPE, text=True)
+               for path in paths]
+    for writer, delay, path in zip(writers, delays, paths):
         assert writer.stdout is not None
         writer.stdout.readline()  # one complete checkpoint exists
         time.sleep(delay)

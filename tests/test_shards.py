@@ -194,7 +194,8 @@ def test_fit_on_shards_two_ddp_processes(shards: Path, tmp_path: Path) -> None:
     assert results["val/acc1"] > 10
 
 
-@pytest.mark.parametrize("mode", ["single", pytest.param("ddp", marks=pytest.mark.slow)])
+@pytest.mark.slow  # make test: the loader-level resume tests above and the mid-epoch kill on folders (test_long_runs)
+@pytest.mark.parametrize("mode", ["single", "ddp"])
 def test_preempted_mid_epoch_on_shards_resumes_exactly(mode: str, shards: Path, tmp_path: Path) -> None:
     """SIGTERM mid-epoch (2 persistent loader workers, random augmentations, a step checkpoint every 5 steps),
     then resume=auto: the same weights as the uninterrupted run (1 process, and 2-process DDP)."""
