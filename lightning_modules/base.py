@@ -289,8 +289,9 @@ class ReductionModule(pl.LightningModule):
         if block_fn is not None:  # a method's blocks: attention with what reduction needs beside fused SDPA
             vit_kwargs = {"attn_layer": ReductionAttention} | (vit_kwargs or {})
         prompts = check_zero_shot(dict(hp.zero_shot), hp.backbone, hp.num_classes) if hp.zero_shot else None
+        width = embedding_width(hp.backbone) if prompts else hp.num_classes
         vit = create_vit(  # zero-shot: the image tower with its projection head, the text weights come after
-            hp.backbone, num_classes=embedding_width(hp.backbone) if prompts else hp.num_classes, img_size=hp.img_size,
+            hp.backbone, num_classes=width, img_size=hp.img_size,
             pretrained=hp.pretrained and hp.weights is None, drop_path_rate=hp.drop_path_rate,
             drop_rate=hp.drop_rate, block_fn=block_fn, **(vit_kwargs or {}), **(hp.backbone_kwargs or {}),
         )
@@ -300,8 +301,11 @@ class ReductionModule(pl.LightningModule):
             vit.set_distilled_training(True)  # distilled DeiT: the dist token's head learns from the teacher
         student = student_cls(vit, **student_kwargs)
         if prompts is not None:  # the projection, normalised, against the prompts' text embeddings
-            weights = class_weights(hp.backbone, hp.weights, *prompts, batch_size=int(hp.zero_shot.get("batch_size", 256)))
-            setattr(vit, "head", ZeroShotHead(vit.head, weights))
+            if hp.pretrained or hp.weights is not None:
+                texts = class_weights(hp.backbone, hp.weights, *prompts, batch_size=int(hp.zero_shot.get("batch_size", 256)))
+            else:  # a random image tower (benchmarks; a resumed run restores the weights): random unit class weights
+                texts = nn.functional.normalize(torch.randn(hp.num_classes, width), dim=-1)
+            setattr(vit, "head", ZeroShotHead(vit.head, texts))
         if hp.weights is not None:
             load_weights(student, hp.weights)
         if hp.linear_probe:  # a frozen backbone (DINOv3's evaluation): the classifier and the method's own modules train

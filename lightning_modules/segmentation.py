@@ -170,7 +170,8 @@ class SegmentationTask(ReductionModule):
     ) -> None:
         for key, bad, why in (("distillation", method.get("distillation", "none") != "none", "none"),
                               ("ema_decay", method.get("ema_decay") is not None, "null"),
-                              ("linear_probe", bool(method.get("linear_probe")), "false")):
+                              ("linear_probe", bool(method.get("linear_probe")), "false"),
+                              ("zero_shot", bool(method.get("zero_shot")), "null")):
             if bad:
                 raise ValueError(f"model.{key}: {method[key]!r} is for image classification; segmentation needs "
                                  f"{key}={why}")

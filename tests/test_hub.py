@@ -239,6 +239,10 @@ def test_zero_shot_open_clip_equals_open_clips_own_classifier(micro_clip: tuple[
                              zero_shot=zero_shot | {"templates": ["a {}."]})
     with torch.no_grad():
         torch.testing.assert_close(again(IMAGES), student(IMAGES), rtol=0, atol=0)
+    with monkeypatch.context() as patch:  # no weights at all (a benchmark's random model): random class weights
+        patch.setattr(zs, "embed_prompts", no_text_tower)
+        random = METHODS["dense"](backbone="open_clip:ViT-micro-leanvit", num_classes=10, zero_shot=zero_shot).student
+        assert random.eval()(IMAGES).shape == (2, 10)
     with pytest.raises(ValueError, match="model.zero_shot.classnames: 10 names for model.num_classes 1000"):
         METHODS["dense"](backbone="open_clip:ViT-micro-leanvit", weights=str(path), zero_shot=zero_shot)
     with pytest.raises(ValueError, match="every template needs"):

@@ -160,6 +160,8 @@ def test_refused_in_one_line() -> None:
                                               teacher="vit_micro_patch4_32")
     with pytest.raises(ValueError, match="model.inference"):
         seg_module("dense", inference="tiles")
+    with pytest.raises(ValueError, match="model.zero_shot: .* is for image classification"):
+        seg_module("dense", zero_shot={"classnames": "imagenet"})
 
 
 def save_seg_checkpoint(module: Any, path: Path) -> Path:
