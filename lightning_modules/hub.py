@@ -210,6 +210,13 @@ def read_hub_clip(source: str, folder: Path, config: dict[str, Any]) -> HubViT:
     return HubViT(source, folder, config, "vit_base_patch16_clip_224", kwargs, width)
 
 
+def renamed(key: str, table: list[tuple[str, str]]) -> str:
+    """A key with every `(pattern, replacement)` of a rename table applied in order."""
+    for pattern, repl in table:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
 def stacked_qkv(parts: dict[tuple[int, str], dict[str, Tensor]]) -> dict[str, Tensor]:
     """Separate q, k, v projections `{(layer, weight|bias): {"q": .., "k": .., "v": ..}}` -> timm's fused
     `blocks.<layer>.attn.qkv.<weight|bias>` (q, k, v stacked along the output features)."""
@@ -259,10 +266,7 @@ def convert_hub_clip(state: dict[str, Tensor]) -> dict[str, Tensor]:
             out[f"attn_pool.q.{kind}"], out[f"attn_pool.kv.{kind}"] = value.split([value.shape[0] // 3,
                                                                                   2 * value.shape[0] // 3])
         else:
-            new = key
-            for pattern, repl in _CLIP_RENAMES:
-                new = re.sub(pattern, repl, new)
-            out[new] = value
+            out[renamed(key, _CLIP_RENAMES)] = value
     return out | stacked_qkv(parts)
 
 
@@ -314,10 +318,7 @@ def convert_hub_vit(state: dict[str, Tensor]) -> dict[str, Tensor]:
         if gated:
             glu.setdefault((int(gated.group(1)), gated.group(3)), {})[gated.group(2)] = value
             continue
-        new = key
-        for pattern, repl in _RENAMES:
-            new = re.sub(pattern, repl, new)
-        out[new] = value
+        out[renamed(key, _RENAMES)] = value
     out |= {f"blocks.{layer}.mlp.fc1.{kind}": torch.cat([p["gate"], p["up"]]) for (layer, kind), p in glu.items()}
     if any(k.endswith(".ls1.gamma") for k in out) and "pos_embed" in out:  # DINOv2: (1, 1 + N, C) -> (1, N, C)
         out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]

@@ -118,12 +118,13 @@ def open_clip_text(backbone: str, weights: Optional[str]) -> TextTower:
 
     arch, _, tag = backbone[len(OPEN_CLIP):].partition(":")
     if weights is not None:
+        from timm.models import clean_state_dict
+
         from lightning_modules.vit import read_checkpoint_object
 
         model = open_clip.create_model(arch)
         state = read_checkpoint_object(weights)
-        state = state.get("state_dict", state)
-        model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+        model.load_state_dict(clean_state_dict(state.get("state_dict", state)))  # without DDP's `module.` prefix
     elif tag:
         model = open_clip.create_model(arch, pretrained=tag)
     else:
